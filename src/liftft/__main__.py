@@ -1,0 +1,5 @@
+import sys
+
+from liftft.cli import main
+
+sys.exit(main())

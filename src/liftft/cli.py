@@ -1,0 +1,44 @@
+"""The `liftft` command: one subcommand per module in `liftft.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# Each module defines register(subparsers); its parser sets `func`.
+COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "analyze", "bench", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="liftft",
+        description="LIFT: fine-tune only the Principal Weights of a Hugging Face causal LM.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"liftft.commands.{name}")
+        except ModuleNotFoundError as err:
+            if err.name != f"liftft.commands.{name}":
+                raise
+            continue
+        module.register(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.func(args) or 0
+    except (ValueError, TypeError, FileNotFoundError) as err:
+        print(f"liftft {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny models built from a config and a tokenizer trained locally."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers.processors import TemplateProcessing
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 512, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
+    """A 2-layer Llama with random weights, small enough for CPU tests."""
+    torch.manual_seed(seed)
+    cfg = dict(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
+
+
+def train_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on ``texts``, with <pad>=0, <s>=1, </s>=2."""
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(texts, trainer)
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def math_records(n: int = 16) -> list[dict]:
+    with open(SHARED_DATA / "train" / "math_data.json") as f:
+        return json.load(f)[:n]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from liftft.template import build_prompt
+
+    texts = [build_prompt(r) + r["output"] for r in math_records(200)]
+    return train_tokenizer(texts)
+
+
+@pytest.fixture
+def model():
+    return tiny_llama()
