@@ -1,0 +1,292 @@
+"""`LiftAdamW`: AdamW over the selected entries of each target weight, with no dense gradients kept."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from liftft.config import LiftConfig
+from liftft.selection import budget, select_indices
+from liftft.targets import find_targets
+
+_SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+
+
+def adamw_update(param, grad, exp_avg, exp_avg_sq, step: int, lr, beta1, beta2, eps, weight_decay) -> None:
+    """One torch.optim.AdamW update of fp32 ``param`` in place (decoupled decay, eps after sqrt(v̂))."""
+    param.mul_(1 - lr * weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1**step
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+
+
+class LiftAdamW(torch.optim.Optimizer):
+    """Sparse AdamW over the Principal Weights of ``model``'s target matrices.
+
+    Constructing it selects k entries per target (see :class:`LiftConfig`),
+    freezes every parameter that is neither a target nor in ``dense_params``,
+    and hooks each target so that, once its gradient is accumulated, the k
+    selected entries are added into an fp32 buffer and the dense ``.grad`` is
+    freed. ``step()`` applies torch.optim.AdamW's update to those entries only
+    (unselected entries never change, bit for bit) and to ``dense_params``
+    densely; every ``cfg.update_interval`` steps it re-selects from the current
+    weights, keeping the moments of entries that stay selected.
+
+    ``max_grad_norm`` clips the global norm over the gathered sparse gradients
+    and the dense params' gradients; a trainer's own clipping sees no target
+    gradients, so let this optimizer clip.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        cfg: LiftConfig,
+        lr: float = 2e-4,
+        betas: tuple[float, float] = (0.9, 0.95),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float | None = None,
+        dense_params: Iterable[nn.Parameter] | None = None,
+    ):
+        if not isinstance(cfg, LiftConfig):
+            raise TypeError(f"cfg must be a LiftConfig, got {type(cfg).__name__}")
+        _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm)
+        targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+        dense = _unique_dense(dense_params, targets)
+        for name, p in targets.items():
+            if not p.is_contiguous():
+                raise ValueError(f"target {name} is not contiguous; LIFT indexes its flat storage")
+        _freeze_all_but(model, list(targets.values()) + dense)
+
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        groups = [dict(params=list(targets.values()), kind="lift", names=list(targets), steps=0, refreshes=0)]
+        if dense:
+            groups.append(dict(params=dense, kind="dense"))
+        super().__init__(groups, defaults)
+        self.cfg = cfg
+        self.max_grad_norm = max_grad_norm
+        self._names = {p: n for n, p in targets.items()}
+        self._params = targets
+        self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
+        self._hooks = [p.register_post_accumulate_grad_hook(self._gather_grad) for p in targets.values()]
+        self._select_all(refresh=False)
+
+    # ----- public API -----
+
+    def indices(self, name: str) -> torch.Tensor:
+        """Current sorted flat indices of the target weight ``name`` (as in model.named_parameters())."""
+        if name not in self._params:
+            raise KeyError(f"{name!r} is not a LIFT target; targets: {', '.join(self._params)}")
+        return self.state[self._params[name]]["indices"]
+
+    @property
+    def num_selected(self) -> int:
+        """Total number of selected entries over all targets."""
+        return sum(self.state[p]["indices"].numel() for p in self._params.values())
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the target weights, in model order."""
+        return list(self._params)
+
+    def refresh(self) -> None:
+        """Re-select every target from its current weights, carrying the state of entries that stay."""
+        self._select_all(refresh=True)
+        self._lift_group["refreshes"] += 1
+
+    def remove_hooks(self) -> None:
+        """Detach the gradient hooks (targets then keep ordinary dense ``.grad``)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear the gathered sparse gradients and the dense params' gradients."""
+        self._grad_buffers.clear()
+        super().zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Apply one AdamW step to the selected entries and the dense params, then refresh if due."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        clip = self._clip_coefficient()
+        for group in self.param_groups:
+            for p in group["params"]:
+                if group["kind"] == "lift":
+                    self._step_target(p, group, clip)
+                else:
+                    self._step_dense(p, group, clip)
+        self._grad_buffers.clear()
+        lift = self._lift_group
+        lift["steps"] += 1
+        interval = self.cfg.update_interval
+        if interval is not None and lift["steps"] % interval == 0:
+            self.refresh()
+        return loss
+
+    def load_state_dict(self, state_dict) -> None:
+        """Load a :meth:`state_dict`, keeping every state tensor's saved dtype (torch would cast to the weight's)."""
+        saved = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for i, p in enumerate(params):
+            if i in saved:
+                self.state[p] = {
+                    key: value.to(p.device) if torch.is_tensor(value) and key != "step" else value
+                    for key, value in saved[i].items()
+                }
+
+    # ----- internals -----
+
+    @property
+    def _lift_group(self) -> dict:
+        return self.param_groups[0]
+
+    def _gather_grad(self, p: nn.Parameter) -> None:
+        """Hook: add the selected entries of p.grad into p's fp32 buffer and free the dense gradient."""
+        idx = self.state[p]["indices"]
+        picked = p.grad.view(-1).index_select(0, idx).float()
+        buffer = self._grad_buffers.get(p)
+        if buffer is None:
+            self._grad_buffers[p] = picked
+        else:
+            buffer.add_(picked)
+        p.grad = None
+
+    def _clip_coefficient(self):
+        if self.max_grad_norm is None:
+            return None
+        grads = list(self._grad_buffers.values())
+        grads += [p.grad for g in self.param_groups if g["kind"] == "dense" for p in g["params"] if p.grad is not None]
+        if not grads:
+            return None
+        total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        # Same rule as torch.nn.utils.clip_grad_norm_, kept on device: no host sync.
+        return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
+
+    def _step_target(self, p, group, clip) -> None:
+        grad = self._grad_buffers.get(p)
+        if grad is None:
+            return
+        state = self.state[p]
+        if clip is not None:
+            grad = grad * clip
+        state["step"] += 1
+        flat = p.data.view(-1)
+        idx = state["indices"]
+        values = state["master"] if "master" in state else flat.index_select(0, idx).float()
+        beta1, beta2 = group["betas"]
+        adamw_update(values, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        flat.index_put_((idx,), values.to(flat.dtype))
+
+    def _step_dense(self, p, group, clip) -> None:
+        if p.grad is None:
+            return
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            if self.cfg.master_weights and p.dtype in _SIXTEEN_BIT:
+                state["master"] = p.detach().float()
+        grad = p.grad.float()
+        if clip is not None:
+            grad = grad * clip
+        state["step"] += 1
+        values = state["master"] if "master" in state else (p.data if p.dtype == torch.float32 else p.data.float())
+        beta1, beta2 = group["betas"]
+        adamw_update(values, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
+                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        if values is not p.data:
+            p.data.copy_(values)
+
+    @torch.no_grad()
+    def _select_all(self, refresh: bool) -> None:
+        cfg = self.cfg
+        refreshes = self._lift_group["refreshes"] + int(refresh)
+        for ordinal, (name, p) in enumerate(self._params.items()):
+            k = budget(tuple(p.shape), rank=cfg.rank, density=cfg.density)
+            current = self._current_fp32(p) if refresh else p.detach()
+            seed = cfg.seed + 7919 * ordinal + 104729 * refreshes
+            idx = select_indices(current, k, cfg.selector, cfg.filter_rank, cfg.svd, seed)
+            self.state[p] = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
+
+    def _current_fp32(self, p) -> torch.Tensor:
+        """p in fp32 with its master values written in, so selection sees the true current weights."""
+        state = self.state[p]
+        current = p.detach().float()
+        if "master" in state:
+            current.view(-1).index_put_((state["indices"],), state["master"])
+        return current
+
+    def _fresh_state(self, p, idx) -> dict:
+        k = idx.numel()
+        state = {
+            "step": torch.tensor(0.0),
+            "indices": idx,
+            "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
+            "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=p.device),
+        }
+        if self.cfg.master_weights and p.dtype in _SIXTEEN_BIT:
+            state["master"] = p.detach().view(-1).index_select(0, idx).float()
+        return state
+
+    def _carried_state(self, p, idx) -> dict:
+        """State for new indices ``idx``: moments and masters of kept entries move over, new ones start fresh."""
+        old = self.state[p]
+        new = self._fresh_state(p, idx)
+        new["step"] = old["step"]
+        old_idx = old["indices"]
+        pos = torch.searchsorted(old_idx, idx).clamp_(max=old_idx.numel() - 1)
+        kept = old_idx[pos] == idx
+        for key in ("exp_avg", "exp_avg_sq", "master"):
+            if key in old:
+                new[key] = torch.where(kept, old[key][pos], new[key])
+        return new
+
+
+def _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm) -> None:
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+
+
+def _unique_dense(dense_params, targets) -> list[nn.Parameter]:
+    if dense_params is None:
+        return []
+    target_ids = {id(p) for p in targets.values()}
+    dense, seen = [], set()
+    for p in dense_params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"dense_params must hold tensors, got {type(p).__name__}")
+        if id(p) in target_ids:
+            raise ValueError("a parameter is both a LIFT target and in dense_params")
+        if id(p) not in seen:
+            seen.add(id(p))
+            dense.append(p)
+    return dense
+
+
+def _freeze_all_but(model: nn.Module, trained: list[nn.Parameter]) -> None:
+    trained_ids = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained_ids)
+    for p in trained:
+        p.requires_grad_(True)

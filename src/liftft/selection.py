@@ -1,0 +1,138 @@
+"""Choosing which entries of a weight matrix to train: the Principal Weights and the baselines."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from liftft.config import SELECTORS, SVD_METHODS
+
+# Randomized SVD sketches 2 * rank columns (at least rank + 16) with 4 power
+# iterations: on slowly decaying spectra (sigma_i ~ i^-0.5) a smaller sketch
+# lost ~5% of the exact selection; this one keeps >99% (tests/test_selection.py).
+MIN_OVERSAMPLE = 16
+POWER_ITERATIONS = 4
+
+
+def budget(shape, rank: int | None = None, density: float | None = None) -> int:
+    """Number of entries k to train in a matrix of ``shape`` (m, n).
+
+    ``rank`` gives LoRA parity, k = min((m + n) * rank, m * n); ``density`` gives
+    k = max(1, round(density * m * n)). Exactly one must be set.
+    """
+    if len(shape) != 2:
+        raise ValueError(f"budget needs a 2-D shape, got {tuple(shape)}")
+    m, n = shape
+    if (rank is None) == (density is None):
+        raise ValueError(f"set exactly one of rank and density (got rank={rank!r}, density={density!r})")
+    if rank is not None:
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+        return min((m + n) * rank, m * n)
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return max(1, min(m * n, round(density * m * n)))
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """int32 when every flat index fits, else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+def select_indices(
+    weight: torch.Tensor,
+    k: int,
+    selector: str = "principal",
+    filter_rank: int = 64,
+    svd: str = "exact",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Sorted flat indices of the ``k`` entries of ``weight`` to train.
+
+    ``"principal"`` takes the k largest |W_r|, where W_r is the rank-``filter_rank``
+    SVD approximation of W in fp32; ``"principal-smallest"`` the k smallest;
+    ``"magnitude"`` the k largest |W|; ``"random"`` k uniform entries drawn from
+    ``seed``. Ties are broken towards the lower flat index, so the result is a
+    function of the weight and seed alone. Work happens on the weight's device;
+    the result is int32 when the matrix has fewer than 2**31 entries.
+    """
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; allowed: {', '.join(SELECTORS)}")
+    if weight.dim() != 2:
+        raise ValueError(f"selection needs a 2-D weight, got shape {tuple(weight.shape)}")
+    numel = weight.numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= numel:
+        raise ValueError(f"k must be an integer in [1, {numel}] for shape {tuple(weight.shape)}, got {k!r}")
+    with torch.no_grad():
+        if selector == "random":
+            idx = _random_indices(numel, k, seed, weight.device)
+        else:
+            if selector == "magnitude":
+                scores = weight.detach().float().abs().flatten()
+            else:
+                scores = low_rank_approximation(weight, filter_rank, svd, seed).abs_().flatten()
+            idx = top_k_indices(scores, k, largest=selector != "principal-smallest")
+    return idx.to(index_dtype(numel))
+
+
+def low_rank_approximation(weight: torch.Tensor, rank: int, svd: str = "exact", seed: int = 0) -> torch.Tensor:
+    """The rank-``rank`` SVD approximation U_r Σ_r V_rᵀ of ``weight``, in fp32.
+
+    ``rank`` above min(m, n) is clamped with a one-time warning. Leading batch
+    dimensions are allowed, so same-shaped matrices can share one call.
+    """
+    if svd not in SVD_METHODS:
+        raise ValueError(f"unknown svd {svd!r}; allowed: {', '.join(SVD_METHODS)}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+        raise ValueError(f"filter_rank must be an integer >= 1, got {rank!r}")
+    w = weight.detach().float()
+    full_rank = min(w.shape[-2:])
+    if rank > full_rank:
+        _warn_clamped(rank, full_rank)
+        rank = full_rank
+    if svd == "exact" or 2 * rank >= full_rank:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[..., :rank], s[..., :rank], vh[..., :rank, :]
+    else:
+        u, s, vh = randomized_svd(w, rank, seed)
+    return (u * s.unsqueeze(-2)) @ vh
+
+
+def randomized_svd(w: torch.Tensor, rank: int, seed: int = 0):
+    """Top-``rank`` singular triplets of fp32 ``w`` by a seeded Halko sketch with power iterations."""
+    m, n = w.shape[-2:]
+    sketch = min(rank + max(rank, MIN_OVERSAMPLE), m, n)
+    gen = torch.Generator(device=w.device).manual_seed(seed)
+    omega = torch.randn(*w.shape[:-2], n, sketch, generator=gen, device=w.device, dtype=w.dtype)
+    q = torch.linalg.qr(w @ omega).Q
+    for _ in range(POWER_ITERATIONS):
+        q = torch.linalg.qr(w.mT @ q).Q
+        q = torch.linalg.qr(w @ q).Q
+    ub, s, vh = torch.linalg.svd(q.mT @ w, full_matrices=False)
+    return (q @ ub)[..., :rank], s[..., :rank], vh[..., :rank, :]
+
+
+def top_k_indices(scores: torch.Tensor, k: int, largest: bool = True) -> torch.Tensor:
+    """Sorted int64 indices of the k largest (or smallest) of 1-D ``scores``, ties to the lower index."""
+    kth = torch.topk(scores, k, largest=largest, sorted=False).values
+    threshold = kth.min() if largest else kth.max()
+    beyond = (scores > threshold) if largest else (scores < threshold)
+    chosen = beyond.nonzero().squeeze(1)
+    tied = (scores == threshold).nonzero().squeeze(1)[: k - chosen.numel()]
+    return torch.cat([chosen, tied]).sort().values
+
+
+def _random_indices(numel: int, k: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    keys = torch.rand(numel, generator=gen, device=device)
+    return top_k_indices(keys, k)
+
+
+_warned_clamps: set[tuple[int, int]] = set()
+
+
+def _warn_clamped(requested: int, full_rank: int) -> None:
+    if (requested, full_rank) not in _warned_clamps:
+        _warned_clamps.add((requested, full_rank))
+        warnings.warn(f"filter_rank {requested} exceeds min(m, n) = {full_rank}; using {full_rank}", stacklevel=3)
