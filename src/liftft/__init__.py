@@ -1,8 +1,9 @@
 """liftft: Low-rank Informed Sparse Fine-Tuning (LIFT) for Hugging Face causal LMs."""
 
 from liftft.config import LiftConfig
+from liftft.delta import apply_delta, load_delta, save_delta
 from liftft.optim import LiftAdamW
 from liftft.selection import budget, select_indices
 
-__all__ = ["LiftConfig", "LiftAdamW", "budget", "select_indices"]
+__all__ = ["LiftConfig", "LiftAdamW", "apply_delta", "budget", "load_delta", "save_delta", "select_indices"]
 __version__ = "0.1.0"

@@ -13,6 +13,9 @@ from liftft.selection import budget, select_indices
 from liftft.targets import find_targets
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
+# Kept on the CPU: the step count, and the record of every entry ever trained with its
+# base value (what save_delta needs), which the step never reads.
+HOST_STATE = ("step", "touched", "base")
 
 
 def adamw_update(param, grad, exp_avg, exp_avg_sq, step: int, lr, beta1, beta2, eps, weight_decay) -> None:
@@ -58,20 +61,19 @@ class LiftAdamW(torch.optim.Optimizer):
             raise TypeError(f"cfg must be a LiftConfig, got {type(cfg).__name__}")
         _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm)
         targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
-        dense = _unique_dense(dense_params, targets)
+        dense = _named_dense(model, dense_params, targets)
         for name, p in targets.items():
             if not p.is_contiguous():
                 raise ValueError(f"target {name} is not contiguous; LIFT indexes its flat storage")
-        _freeze_all_but(model, list(targets.values()) + dense)
+        _freeze_all_but(model, list(targets.values()) + list(dense.values()))
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         groups = [dict(params=list(targets.values()), kind="lift", names=list(targets), steps=0, refreshes=0)]
         if dense:
-            groups.append(dict(params=dense, kind="dense"))
+            groups.append(dict(params=list(dense.values()), kind="dense", names=list(dense)))
         super().__init__(groups, defaults)
         self.cfg = cfg
         self.max_grad_norm = max_grad_norm
-        self._names = {p: n for n, p in targets.items()}
         self._params = targets
         self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
         self._hooks = [p.register_post_accumulate_grad_hook(self._gather_grad) for p in targets.values()]
@@ -89,6 +91,11 @@ class LiftAdamW(torch.optim.Optimizer):
     def num_selected(self) -> int:
         """Total number of selected entries over all targets."""
         return sum(self.state[p]["indices"].numel() for p in self._params.values())
+
+    def trained_parameters(self):
+        """Yield (name, parameter, kind) for every trained parameter; kind is "lift" or "dense"."""
+        for group in self.param_groups:
+            yield from ((name, p, group["kind"]) for name, p in zip(group["names"], group["params"]))
 
     @property
     def target_names(self) -> list[str]:
@@ -141,7 +148,7 @@ class LiftAdamW(torch.optim.Optimizer):
         for i, p in enumerate(params):
             if i in saved:
                 self.state[p] = {
-                    key: value.to(p.device) if torch.is_tensor(value) and key != "step" else value
+                    key: value.to(p.device) if torch.is_tensor(value) and key not in HOST_STATE else value
                     for key, value in saved[i].items()
                 }
 
@@ -197,6 +204,7 @@ class LiftAdamW(torch.optim.Optimizer):
             state["step"] = torch.tensor(0.0)
             state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
             state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+            state["base"] = p.detach().cpu().clone()
             if self.cfg.master_weights and p.dtype in _SIXTEEN_BIT:
                 state["master"] = p.detach().float()
         grad = p.grad.float()
@@ -219,7 +227,8 @@ class LiftAdamW(torch.optim.Optimizer):
             current = self._current_fp32(p) if refresh else p.detach()
             seed = cfg.seed + 7919 * ordinal + 104729 * refreshes
             idx = select_indices(current, k, cfg.selector, cfg.filter_rank, cfg.svd, seed)
-            self.state[p] = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
+            new = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
+            self.state[p] = _with_touched(new, self.state[p] if refresh else None, p)
 
     def _current_fp32(self, p) -> torch.Tensor:
         """p in fp32 with its master values written in, so selection sees the true current weights."""
@@ -255,6 +264,23 @@ class LiftAdamW(torch.optim.Optimizer):
         return new
 
 
+def _with_touched(state: dict, previous: dict | None, p) -> dict:
+    """Add to ``state`` the sorted union of all entries ever selected, with their base values."""
+    idx = state["indices"].cpu()
+    if previous is None:
+        state["touched"] = idx
+        state["base"] = p.detach().view(-1)[state["indices"]].cpu()
+        return state
+    touched, base = previous["touched"], previous["base"]
+    new = idx[~torch.isin(idx, touched)]
+    # Entries never selected before were never changed: their current value is the base value.
+    touched = torch.cat([touched, new])
+    base = torch.cat([base, p.detach().view(-1)[new.to(p.device)].cpu()])
+    order = touched.argsort()
+    state["touched"], state["base"] = touched[order], base[order]
+    return state
+
+
 def _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm) -> None:
     if not lr >= 0:
         raise ValueError(f"lr must be >= 0, got {lr!r}")
@@ -268,19 +294,20 @@ def _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm) -> None:
         raise ValueError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
 
 
-def _unique_dense(dense_params, targets) -> list[nn.Parameter]:
+def _named_dense(model, dense_params, targets) -> dict[str, nn.Parameter]:
     if dense_params is None:
-        return []
+        return {}
+    names = {id(p): n for n, p in model.named_parameters()}
     target_ids = {id(p) for p in targets.values()}
-    dense, seen = [], set()
+    dense = {}
     for p in dense_params:
         if not isinstance(p, torch.Tensor):
             raise TypeError(f"dense_params must hold tensors, got {type(p).__name__}")
+        if id(p) not in names:
+            raise ValueError(f"a dense param of shape {tuple(p.shape)} is not a parameter of the model")
         if id(p) in target_ids:
-            raise ValueError("a parameter is both a LIFT target and in dense_params")
-        if id(p) not in seen:
-            seen.add(id(p))
-            dense.append(p)
+            raise ValueError(f"{names[id(p)]} is both a LIFT target and in dense_params")
+        dense[names[id(p)]] = p
     return dense
 
 

@@ -1,0 +1,108 @@
+"""Deltas: every trained entry, exact re-application, and refusal to apply to the wrong base."""
+
+import json
+
+import pytest
+import torch
+
+from conftest import tiny_llama
+from liftft import LiftAdamW, LiftConfig, apply_delta, load_delta, save_delta
+from liftft.delta import exact_difference
+
+pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
+
+
+def train_with_refreshes(model, steps=6, lr=1e-2):
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    opt = LiftAdamW(model, LiftConfig(rank=1, filter_rank=2, update_interval=2), lr=lr, dense_params=norms)
+    seen = {n: set() for n in opt.target_names}
+    for s in range(steps):
+        for n in opt.target_names:
+            seen[n] |= set(opt.indices(n).tolist())
+        ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(s))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for n in opt.target_names:  # the refresh after the last step selects entries too
+        seen[n] |= set(opt.indices(n).tolist())
+    return opt, seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_delta_reproduces_trained_weights_exactly(tmp_path, dtype):
+    trained = tiny_llama(dtype=dtype)
+    opt, seen = train_with_refreshes(trained)
+    save_delta(opt, tmp_path, base_model="tiny", metrics={"loss": 1.0})
+
+    delta = load_delta(tmp_path)
+    base = tiny_llama(dtype=dtype)
+    for name, p in base.named_parameters():
+        changed = (p.detach() != dict(trained.named_parameters())[name].detach()).flatten().nonzero().flatten()
+        if name in opt.target_names:
+            idx, values = delta.entries[name]
+            assert idx.tolist() == sorted(seen[name])  # every entry ever selected, sorted
+            assert len(seen[name]) > opt.indices(name).numel()  # refreshes widened the union
+            assert set(changed.tolist()) <= set(idx.tolist())
+            assert values.dtype == (torch.float64 if dtype == torch.float32 else torch.float32)
+    apply_delta(base, tmp_path)
+    for (name, a), b in zip(base.named_parameters(), trained.parameters()):
+        assert torch.equal(a, b), name
+    meta = json.loads((tmp_path / "liftft.json").read_text())
+    assert meta["base_model"] == "tiny" and meta["metrics"] == {"loss": 1.0}
+    assert meta["config"]["update_interval"] == 2
+    assert "model.norm.weight" in meta["weights"]
+
+
+def test_scale_zero_and_half(tmp_path):
+    trained = tiny_llama()
+    opt, _ = train_with_refreshes(trained, steps=2)
+    save_delta(opt, tmp_path)
+    base = tiny_llama()
+    original = {n: p.clone() for n, p in base.named_parameters()}
+    apply_delta(base, tmp_path, scale=0.5)
+    name = opt.target_names[0]
+    idx, values = load_delta(tmp_path).entries[name]
+    got = dict(base.named_parameters())[name].detach().flatten()[idx.long()]
+    torch.testing.assert_close(got, (original[name].flatten()[idx.long()] + 0.5 * values).float())
+
+
+def test_wrong_shape_names_first_mismatching_weight(tmp_path):
+    opt, _ = train_with_refreshes(tiny_llama(), steps=1)
+    save_delta(opt, tmp_path)
+    other = tiny_llama(intermediate_size=48)
+    with pytest.raises(ValueError, match=r"shape mismatch at model.layers.0.mlp.gate_proj.weight: model has \[48, 32\]"):
+        apply_delta(other, tmp_path)
+
+
+def test_wrong_base_and_double_application_refused(tmp_path):
+    opt, _ = train_with_refreshes(tiny_llama(), steps=1)
+    save_delta(opt, tmp_path)
+    other = tiny_llama(seed=1)
+    before = {n: p.clone() for n, p in other.named_parameters()}
+    with pytest.raises(ValueError, match="base fingerprint mismatch at model.layers.0.self_attn.q_proj.weight"):
+        apply_delta(other, tmp_path)
+    assert all(torch.equal(p, before[n]) for n, p in other.named_parameters())  # nothing half-applied
+    base = apply_delta(tiny_llama(), tmp_path)
+    with pytest.raises(ValueError, match="already applied"):
+        apply_delta(base, tmp_path)
+
+
+def test_fp32_load_of_bf16_base_matches_fingerprint(tmp_path):
+    opt, _ = train_with_refreshes(tiny_llama(dtype=torch.bfloat16), steps=1)
+    save_delta(opt, tmp_path)
+    apply_delta(tiny_llama(dtype=torch.bfloat16).float(), tmp_path)
+
+
+def test_differences_are_wide_enough_to_be_exact():
+    # fp32 - fp32 rounded to fp32 loses entries that moved far relative to their size.
+    base = torch.tensor([-0.0031480216421186924, 1.0])
+    final = torch.tensor([-0.0005104174488224089, 1e-6])
+    assert not torch.equal(base + (final - base), final)
+    d = exact_difference(final, base)
+    assert d.dtype == torch.float64 and torch.equal((base.double() + d).float(), final)
+    assert exact_difference(final.bfloat16(), base.bfloat16()).dtype == torch.float32
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="is not a liftft delta directory"):
+        load_delta(tmp_path / "nope")
