@@ -5,5 +5,23 @@ from liftft.delta import apply_delta, load_delta, save_delta
 from liftft.optim import LiftAdamW
 from liftft.selection import budget, select_indices
 
-__all__ = ["LiftConfig", "LiftAdamW", "apply_delta", "budget", "load_delta", "save_delta", "select_indices"]
+__all__ = [
+    "LiftAdamW",
+    "LiftConfig",
+    "LiftTrainerCallback",
+    "apply_delta",
+    "budget",
+    "load_delta",
+    "save_delta",
+    "select_indices",
+]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # Lazy, so that `import liftft` does not import transformers.
+    if name == "LiftTrainerCallback":
+        from liftft.integrations import LiftTrainerCallback
+
+        return LiftTrainerCallback
+    raise AttributeError(f"module 'liftft' has no attribute {name!r}")

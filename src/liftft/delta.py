@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from liftft.atomic import atomic_write, write_json_atomic
 
 DELTA_FILE = "delta.safetensors"
 META_FILE = "liftft.json"
@@ -94,19 +94,8 @@ def write_delta(delta: Delta, path) -> None:
         if idx is not None:
             tensors[f"{name}.indices"] = idx.contiguous()
         tensors[f"{name}.values"] = values.contiguous()
-    _atomic(path / DELTA_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "liftft-delta"}))
-    _atomic(path / META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(delta.meta, indent=2)))
-
-
-def _atomic(target: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path / DELTA_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "liftft-delta"}))
+    write_json_atomic(path / META_FILE, delta.meta)
 
 
 def load_delta(path) -> Delta:

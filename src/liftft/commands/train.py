@@ -1,0 +1,89 @@
+"""`liftft train`: fine-tune a causal LM with LIFT or a baseline at the same budget."""
+
+from __future__ import annotations
+
+import argparse
+
+from liftft.methods import METHODS
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="fine-tune a Hugging Face causal LM with LIFT or a baseline",
+        description="Fine-tune a causal LM on instruction data. Sparse methods write DIR/delta.safetensors and "
+        "DIR/liftft.json; PEFT methods write DIR/adapter; full writes DIR/merged. --merge also writes DIR/merged.",
+    )
+    p.add_argument("--model", required=True, help="base model: a hub id or a local directory")
+    p.add_argument("--data", required=True, nargs="+", help="training data: JSON / JSON Lines files of "
+                   "{instruction, input, output} records, datasets directories or hub names")
+    p.add_argument("--output", required=True, help="output directory DIR (checkpoints, logs, delta or model)")
+    p.add_argument("--method", default="lift", choices=METHODS,
+                   help="lift (principal weights), magnitude / random / principal-smallest (same engine, other "
+                   "selectors), full (AdamW on everything), lora / dora / pissa (PEFT)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="budget: LoRA rank r; sparse methods train min((m+n)*r, m*n) entries per matrix (default 128)")
+    p.add_argument("--density", type=float, default=None, help="budget for sparse methods: fraction of entries per matrix")
+    p.add_argument("--filter-rank", type=int, default=64, help="rank of the SVD approximation LIFT selects from")
+    p.add_argument("--update-interval", type=int, default=400,
+                   help="optimizer steps between selection refreshes; 0 never refreshes")
+    p.add_argument("--svd", default="randomized", choices=("randomized", "exact"), help="SVD used for selection")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="all-linear, mlp, attn, a comma-separated list of module-name suffixes, or a regex")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 3)")
+    p.add_argument("--max-steps", type=int, default=None, help="optimizer steps, instead of --epochs")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--max-seq-len", type=int, default=2048,
+                   help="longer examples lose prompt tokens from the left; EOS is never cut")
+    p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
+    p.add_argument("--scheduler", default="linear", choices=("linear", "cosine", "constant"), help="lr decay after warmup")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="bf16 mixed precision (default: on when a CUDA GPU supports it)")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
+    p.add_argument("--val-size", type=int, default=0, help="hold out N records and report eval loss")
+    p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"),
+                   help="prompt template, the same one `liftft eval` uses")
+    p.add_argument("--seed", type=int, default=43, help="seed for data order, selection and initialization")
+    p.add_argument("--save-steps", type=int, default=200, help="optimizer steps between checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    p.set_defaults(func=run)
+
+
+def train_args_from(args):
+    """The TrainArgs of parsed CLI flags, with the budget and length defaults resolved."""
+    from liftft.train import TrainArgs
+
+    if args.rank is not None and args.density is not None:
+        raise ValueError("--rank and --density contradict each other: give one")
+    if args.epochs is not None and args.max_steps is not None:
+        raise ValueError("--epochs and --max-steps contradict each other: give one")
+    target = args.target_modules
+    if "," in target:
+        target = [t.strip() for t in target.split(",") if t.strip()]
+    return TrainArgs(
+        model=args.model, data=args.data, output=args.output, method=args.method,
+        rank=args.rank if args.rank is not None or args.density is not None else 128, density=args.density,
+        filter_rank=args.filter_rank, update_interval=args.update_interval or None, svd=args.svd,
+        target_modules=target, lr=args.lr,
+        epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 3, max_steps=args.max_steps,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
+        warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
+        max_grad_norm=args.max_grad_norm or None, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
+        val_size=args.val_size, template=args.template, seed=args.seed, resume=args.resume, merge=args.merge,
+        save_steps=args.save_steps, device=args.device, progress=args.progress,
+    )
+
+
+def run(args) -> int:
+    from liftft.train import train
+
+    metrics = train(train_args_from(args))
+    print(f"liftft train: done: {', '.join(f'{k}={v}' for k, v in metrics.items() if k != 'data')}")
+    return 0

@@ -1,0 +1,216 @@
+"""`liftft train` end to end on a tiny Llama: learning, outputs, resume, atomic checkpoints, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import math_records, tiny_llama
+from liftft import apply_delta, load_delta
+from liftft.checkpoint import LATEST, latest_checkpoint, load_checkpoint
+from liftft.cli import main
+from liftft.data import DataCollator, encode_dataset
+from liftft.train import TrainArgs, TrainingDiverged, _Loop, run_training
+
+pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
+
+LR = {"lift": 2e-2, "full": 2e-3, "lora": 3e-2}
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory, tokenizer):
+    path = tmp_path_factory.mktemp("base")
+    tiny_llama().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "math.json"
+    path.write_text(json.dumps(math_records(12)))
+    return path
+
+
+def args_for(base_dir, data_file, out, method="lift", **kw):
+    settings = dict(model=str(base_dir), data=[str(data_file)], output=str(out), method=method, rank=2,
+                    filter_rank=4, update_interval=3, lr=LR.get(method, 2e-2), max_steps=8, epochs=None,
+                    batch_size=2, grad_accum=2, max_seq_len=192, warmup_ratio=0.0, progress=False, seed=7)
+    settings.update(kw)
+    return TrainArgs(**settings)
+
+
+def mean_loss(model, base_dir, data_file):
+    from liftft.hf import load_tokenizer
+
+    tok = load_tokenizer(str(base_dir))
+    examples, _ = encode_dataset(math_records(12), tok, max_seq_len=192)
+    batch = DataCollator(tok.pad_token_id)(examples)
+    with torch.no_grad():
+        return model(**batch).loss.item()
+
+
+def logits(model, ids=torch.arange(3, 40)[None]):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("method", ["lift", "full", "lora"])
+def test_end_to_end(method, base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / method
+    model, metrics = run_training(args_for(base_dir, data_file, out, method, merge=True))
+    printed = capsys.readouterr().out
+    assert f"trainable={metrics['trainable']:,}" in printed
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    assert mean_loss(model, base_dir, data_file) < mean_loss(base, base_dir, data_file) - 0.05
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    torch.testing.assert_close(logits(merged), logits(model), rtol=1e-5, atol=1e-5)
+    if method == "lift":
+        apply_delta(base, out)
+        for (name, a), b in zip(base.named_parameters(), merged.parameters()):
+            assert torch.equal(a, b), name
+        meta = json.loads((out / "liftft.json").read_text())
+        assert meta["base_model"] == str(base_dir) and meta["training_args"]["method"] == "lift"
+        assert "train_loss" in meta["metrics"]
+    if method == "lora":
+        assert (out / "adapter" / "adapter_config.json").is_file()
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 9))
+
+
+def test_lift_and_lora_train_the_same_number_of_values(base_dir, data_file, tmp_path):
+    counts = {m: run_training(args_for(base_dir, data_file, tmp_path / m, m, max_steps=1))[1]["trainable"]
+              for m in ("lift", "lora", "random")}
+    # tiny_llama: 2 layers x (q 32x32, k 16x32, v 16x32, o 32x32, gate/up 64x32, down 32x64), r = 2.
+    per_layer = sum((m + n) * 2 for m, n in [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32), (32, 64)])
+    assert counts == {"lift": 2 * per_layer, "lora": 2 * per_layer, "random": 2 * per_layer}
+
+
+def _final_delta(out):
+    return {k: v for k, (_, v) in load_delta(out).entries.items()}
+
+
+def test_resume_equals_uninterrupted(base_dir, data_file, tmp_path, monkeypatch):
+    straight = tmp_path / "straight"
+    run_training(args_for(base_dir, data_file, straight, save_steps=2))
+
+    interrupted = tmp_path / "interrupted"
+    original = _Loop._train_step
+
+    def dies_at_step_5(self, micro):
+        if self.step == 5:
+            raise KeyboardInterrupt
+        return original(self, micro)
+
+    monkeypatch.setattr(_Loop, "_train_step", dies_at_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(args_for(base_dir, data_file, interrupted, save_steps=2))
+    monkeypatch.setattr(_Loop, "_train_step", original)
+    assert latest_checkpoint(interrupted).name == "step-00000004"
+    run_training(args_for(base_dir, data_file, interrupted, save_steps=2, resume=True))
+    a, b = _final_delta(straight), _final_delta(interrupted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_kill_during_checkpoint_leaves_previous_loadable(base_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    import liftft.checkpoint as ckpt
+
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def killed_mid_write(obj, path):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half a file, then die
+            Path(path).write_bytes(b"partial")
+            raise KeyboardInterrupt
+        real_save(obj, path)
+
+    monkeypatch.setattr(ckpt.torch, "save", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(args_for(base_dir, data_file, out, save_steps=2))
+    monkeypatch.setattr(ckpt.torch, "save", real_save)
+    assert (out / "checkpoints" / LATEST).read_text() == "step-00000002"
+    load_checkpoint(latest_checkpoint(out))
+    assert not any(p.name.startswith(".tmp-") for p in (out / "checkpoints").iterdir())
+
+    run_training(args_for(base_dir, data_file, out, save_steps=2, resume=True))
+    straight = tmp_path / "straight"
+    run_training(args_for(base_dir, data_file, straight, save_steps=2))
+    a, b = _final_delta(straight), _final_delta(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(base_dir, data_file, tmp_path, monkeypatch):
+    out = tmp_path / "nan"
+    original = _Loop._loss_sum
+
+    def nan_at_step_3(self, batch):
+        loss = original(self, batch)
+        return loss * float("nan") if self.step == 2 else loss
+
+    monkeypatch.setattr(_Loop, "_loss_sum", nan_at_step_3)
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 3; stopped. Last good checkpoint: .*step-00000002"):
+        run_training(args_for(base_dir, data_file, out, save_steps=2))
+    load_checkpoint(latest_checkpoint(out))
+
+
+def test_val_size_reports_eval_loss(base_dir, data_file, tmp_path):
+    _, metrics = run_training(args_for(base_dir, data_file, tmp_path / "v", val_size=3, max_steps=2))
+    assert metrics["eval_loss"] > 0 and metrics["data"]["examples"] == 9
+
+
+def _cli(*argv):
+    return main(["train", *map(str, argv)])
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--epochs", "1", "--max-steps", "2"], "--epochs and --max-steps contradict"),
+        (["--rank", "2", "--density", "0.1"], "--rank and --density contradict"),
+        (["--target-modules", "nope_proj"], "matched no module; linear modules in this model: model.layers.0.self_attn.q_proj"),
+    ],
+)
+def test_bad_flags(extra, message, base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    assert _cli("--model", base_dir, "--data", data_file, "--output", out, *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (out / "run.json").exists()
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "not-there.json"),
+        ('[{"instruction": "a", "output": "b"},\n {"instruction": }]', "line 2 column"),
+        ('[{"instruction": "a", "output": "b"}, {"output": "b"}]', "record 1"),
+        ("[]", "empty dataset"),
+    ],
+)
+def test_bad_data(content, message, base_dir, tmp_path, capsys):
+    data = tmp_path / "not-there.json"
+    if content is not None:
+        data.write_text(content)
+    assert _cli("--model", base_dir, "--data", data, "--output", tmp_path / "o") == 2
+    err = capsys.readouterr().err
+    assert message in err and "not-there.json" in err
+
+
+def test_missing_model(data_file, tmp_path, capsys):
+    assert _cli("--model", tmp_path / "no-model", "--data", data_file, "--output", tmp_path / "o") == 2
+    assert "no-model" in capsys.readouterr().err
+
+
+def test_output_dir_holding_another_run(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = ["--model", base_dir, "--data", data_file, "--output", out, "--max-steps", "1", "--rank", "1",
+              "--filter-rank", "2", "--no-progress"]
+    assert _cli(*common) == 0
+    assert _cli(*common, "--lr", "0.5") == 2
+    assert "holds a different run (differs in: lr)" in capsys.readouterr().err
+    assert _cli(*common) == 2
+    assert "pass --resume" in capsys.readouterr().err
