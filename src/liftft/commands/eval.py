@@ -1,0 +1,226 @@
+"""`liftft eval`: accuracy on the LLM-Adapters arithmetic and commonsense benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+from liftft.template import TEMPLATES
+
+TEST_FILE = "test.json"
+
+
+def register(subparsers) -> None:
+    """Add the `eval` subcommand."""
+    parser = subparsers.add_parser(
+        "eval",
+        help="evaluate a model on the arithmetic and commonsense benchmarks",
+        description=(
+            "Evaluate a model (optionally with a liftft delta or a PEFT adapter) on the LLM-Adapters test sets. "
+            "Writes OUTPUT/results.json and OUTPUT/predictions/<task>.jsonl; tasks already done with the same "
+            "settings are skipped."
+        ),
+    )
+    parser.add_argument("--model", required=True, help="base model: a local directory or a hub id")
+    parser.add_argument("--tokenizer", help="tokenizer directory or hub id (default: --model)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--delta", help="liftft delta directory to apply to the base model")
+    source.add_argument("--adapter", help="PEFT adapter directory to load on the base model")
+    parser.add_argument("--output", required=True, help="directory for results.json and predictions/")
+    parser.add_argument(
+        "--tasks",
+        help="math, commonsense, all, or comma-separated task names, any case (default: all, or none with --task-file)",
+    )
+    parser.add_argument("--data-dir", help=f"folder holding <task>/{TEST_FILE} for every task (LLM-Adapters dataset/)")
+    parser.add_argument("--task-file", help="a test file outside the known tasks, in the same record format")
+    parser.add_argument("--kind", choices=("number", "letter", "choice"), help="answer kind of --task-file")
+    parser.add_argument(
+        "--task-name", help="name of --task-file in the results (default: its folder name for test.json, else its stem)"
+    )
+    parser.add_argument("--limit", type=int, help="evaluate only the first N records of each task")
+    parser.add_argument("--batch-size", type=int, default=16, help="prompts (loglik: candidate sequences) per batch")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest generated response, in tokens")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam width; 1 is greedy, 4 is the authors' setting")
+    parser.add_argument(
+        "--extractor",
+        choices=("reference", "strict"),
+        default="strict",
+        help="answer extraction: the authors' exact rules, or stricter ones (both are recorded)",
+    )
+    parser.add_argument(
+        "--scoring",
+        choices=("generate", "loglik"),
+        default="generate",
+        help="generate and extract, or rank the choices by log-likelihood (multiple-choice tasks only; "
+        "numeric tasks are still generated)",
+    )
+    parser.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template used in training")
+    parser.add_argument(
+        "--bf16",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="load the model in bfloat16 (default: on with a CUDA device, off on CPU)",
+    )
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    parser.add_argument("--overwrite", action="store_true", help="rerun tasks already done in --output")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Evaluate every requested task and print the results table."""
+    from liftft import evaluate
+    from liftft.hf import check_model_path
+
+    _check_flags(args)
+    check_model_path(args.model)
+    jobs, missing = _collect_tasks(args)
+    settings = _settings(args)
+    done = evaluate.completed_tasks(args.output, settings, args.overwrite)
+    for task, _ in jobs:
+        if task.name in done:
+            print(f"{task.name}: already done in {args.output}, skipped (--overwrite reruns it)")
+    for name in missing:
+        print(f"{name}: missing, no {Path(args.data_dir) / name / TEST_FILE}")
+    pending = [(task, records) for task, records in jobs if task.name not in done]
+    if pending:
+        model, tokenizer = _load_model(args, settings["dtype"])
+        for task, records in pending:
+            summary, predictions = evaluate.evaluate_task(
+                model,
+                tokenizer,
+                task,
+                records,
+                scoring=args.scoring,
+                extractor=args.extractor,
+                template=args.template,
+                batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens,
+                num_beams=args.num_beams,
+            )
+            evaluate.save_task(args.output, settings, task, summary, predictions)
+    results = evaluate.read_results(args.output)
+    if results is None or results.get("settings") != settings:
+        results = {"settings": settings, "tasks": {}}
+    results = evaluate.write_results(args.output, results, missing)
+    print(evaluate.format_table(results))
+    return 0
+
+
+def _check_flags(args) -> None:
+    """Reject flag values and combinations that cannot work, before any loading."""
+    sizes = {
+        "--batch-size": args.batch_size,
+        "--max-new-tokens": args.max_new_tokens,
+        "--num-beams": args.num_beams,
+        "--limit": args.limit,
+    }
+    for flag, value in sizes.items():
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    if (args.task_file is None) != (args.kind is None):
+        raise ValueError("--task-file and --kind go together: give both or neither")
+    if args.task_name is not None and args.task_file is None:
+        raise ValueError("--task-name names a --task-file; give --task-file too")
+    if args.delta is not None and not os.path.isdir(args.delta):
+        raise FileNotFoundError(f"--delta directory {args.delta!r} does not exist")
+    if args.adapter is not None and not os.path.isfile(os.path.join(args.adapter, "adapter_config.json")):
+        raise FileNotFoundError(f"--adapter {args.adapter!r} is not a PEFT adapter directory (no adapter_config.json)")
+
+
+def _collect_tasks(args):
+    """The (task, records) pairs to evaluate, every file validated, and the names of missing tasks."""
+    from liftft import evaluate
+
+    tasks = []
+    if args.tasks is not None or args.task_file is None:
+        if args.data_dir is None:
+            raise ValueError(f"--tasks needs --data-dir, the folder that holds <task>/{TEST_FILE}")
+        if not os.path.isdir(args.data_dir):
+            raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist")
+        tasks = evaluate.resolve_tasks(args.tasks or "all")
+    jobs, missing = [], []
+    for task in tasks:
+        path = _task_file(args.data_dir, task.name)
+        if path is None:
+            missing.append(task.name)
+            continue
+        jobs.append((task, _checked_records(evaluate, task, path, args)))
+    if args.task_file is not None:
+        records = evaluate.read_records(args.task_file)
+        task = evaluate.custom_task(_custom_name(args, [t.name for t in tasks]), args.kind, records)
+        jobs.append((task, _checked_records(evaluate, task, args.task_file, args, records)))
+    return jobs, missing
+
+
+def _checked_records(evaluate, task, path, args, records=None) -> list[dict]:
+    """A task file's records, answers (and choices, for loglik) checked, cut to --limit."""
+    records = records if records is not None else evaluate.read_records(path)
+    evaluate.check_answers(task, records, path)
+    if args.scoring == "loglik" and task.kind != evaluate.NUMBER:
+        evaluate.check_candidates(task, records, path)
+    return records[: args.limit]
+
+
+def _task_file(data_dir: str, name: str) -> Path | None:
+    """DATA_DIR/<name>/test.json, the folder matched in any case, or None."""
+    for folder in sorted(Path(data_dir).iterdir()):
+        if folder.name.lower() == name.lower() and (folder / TEST_FILE).is_file():
+            return folder / TEST_FILE
+    return None
+
+
+def _custom_name(args, taken: list[str]) -> str:
+    """The results name of --task-file: --task-name, else its folder (for test.json) or stem."""
+    path = Path(args.task_file)
+    name = args.task_name or (path.parent.resolve().name if path.stem == "test" else path.stem)
+    if not re.fullmatch(r"[\w.-]+", name):
+        raise ValueError(f"--task-name {name!r} must be letters, digits, '_', '-' or '.'")
+    if name.lower() in (t.lower() for t in taken):
+        raise ValueError(f"--task-file is named {name!r} like a task in --tasks; pick another with --task-name")
+    return name
+
+
+def _settings(args) -> dict:
+    """Everything that changes a task's result; a rerun skips only tasks done with the same settings."""
+    bf16 = args.bf16 if args.bf16 is not None else _device(args).startswith("cuda")
+    return {
+        "model": args.model,
+        "tokenizer": args.tokenizer or args.model,
+        "delta": args.delta,
+        "adapter": args.adapter,
+        "template": args.template,
+        "scoring": args.scoring,
+        "extractor": args.extractor,
+        "num_beams": args.num_beams,
+        "max_new_tokens": args.max_new_tokens,
+        "limit": args.limit,
+        "dtype": "bfloat16" if bf16 else "float32",
+    }
+
+
+def _device(args) -> str:
+    """--device, else cuda when available, else cpu."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_model(args, dtype_name: str):
+    """The model to evaluate, in eval mode, with its delta or adapter applied, and its tokenizer."""
+    import torch
+
+    from liftft.hf import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model = load_model(args.model, getattr(torch, dtype_name), _device(args))
+    if args.delta is not None:
+        from liftft.delta import apply_delta
+
+        apply_delta(model, args.delta)
+    if args.adapter is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, args.adapter)
+    return model.eval(), tokenizer
