@@ -1,0 +1,39 @@
+"""`liftft merge`: base model plus delta, written as a normal Hugging Face model directory."""
+
+from __future__ import annotations
+
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def register(subparsers) -> None:
+    """Add the `merge` subcommand."""
+    parser = subparsers.add_parser(
+        "merge",
+        help="merge a liftft delta into its base model",
+        description=(
+            "Apply a liftft delta to its base model and write a model directory, with the base's tokenizer, "
+            "that AutoModelForCausalLM.from_pretrained loads. The output is written atomically; an existing "
+            "output is replaced only if it is empty or a previous merge."
+        ),
+    )
+    parser.add_argument(
+        "--base", required=True, help="base model the delta was trained from: a local directory or a hub id"
+    )
+    parser.add_argument("--delta", required=True, help="liftft delta directory (delta.safetensors and liftft.json)")
+    parser.add_argument("--output", required=True, help="directory for the merged model")
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPE_CHOICES,
+        default="auto",
+        help="dtype of the saved weights (default: auto, the dtype the delta was trained in)",
+    )
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """Merge and report where the model went."""
+    from liftft.merge import merge_delta
+
+    output = merge_delta(args.base, args.delta, args.output, dtype=args.dtype)
+    print(f"wrote merged model to {output}")
+    return 0

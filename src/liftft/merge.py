@@ -1,0 +1,117 @@
+"""Merging a delta into its base: a normal Hugging Face model directory, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+MERGE_FILE = "liftft_merge.json"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dtype | None = None) -> Path:
+    """Write ``base`` plus the delta at ``delta_dir`` to ``output`` as a model directory with tokenizer.
+
+    The delta is applied in the dtype it was trained in (the dtype recorded in
+    its liftft.json), so the merged weights are exactly the trained ones; they
+    are then cast to ``dtype`` (``None`` or ``"auto"`` keeps the trained dtype).
+    ``output`` is loadable with ``AutoModelForCausalLM.from_pretrained`` and
+    ``AutoTokenizer.from_pretrained``; it also holds liftft_merge.json, which
+    records where it came from. It is written to a temporary directory beside
+    ``output`` and renamed into place; an existing ``output`` is replaced only
+    if it is empty or a previous merge.
+    """
+    from liftft.delta import apply_delta, load_delta
+    from liftft.hf import check_model_path, load_model
+
+    out_dtype = _parse_dtype(dtype)
+    delta = load_delta(delta_dir)
+    output = check_output_dir(output, MERGE_FILE, "merge")
+    check_model_path(base)
+    trained_dtype = recorded_dtype(delta.meta, delta_dir)
+    tokenizer = _load_tokenizer_unchanged(base)
+    model = load_model(base, dtype=trained_dtype)
+    apply_delta(model, delta)
+    model.to(out_dtype or trained_dtype)
+    with atomic_directory(output) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"base_model": base, "delta": str(Path(delta_dir).resolve()),
+                  "dtype": str(out_dtype or trained_dtype).removeprefix("torch.")}
+        (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2))
+    return output
+
+
+def recorded_dtype(meta: dict, delta_dir) -> torch.dtype:
+    """The single dtype of the trained weights recorded in a delta's metadata."""
+    names = {info["dtype"] for info in meta["weights"].values()}
+    if len(names) != 1 or next(iter(names)) not in DTYPES:
+        raise ValueError(f"delta {delta_dir} records weight dtypes {sorted(names)}; expected one of {list(DTYPES)}")
+    return DTYPES[names.pop()]
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or dtype == "auto":
+        return None
+    if dtype in DTYPES.values():
+        return dtype
+    if dtype in DTYPES:
+        return DTYPES[dtype]
+    raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+
+
+def _load_tokenizer_unchanged(base: str):
+    # liftft.hf.load_tokenizer sets a missing pad token; the merged copy must be the base's own tokenizer.
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(os.path.expanduser(base))
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot load the tokenizer of base model {base!r}: {err}") from err
+
+
+def check_output_dir(output, marker: str, kind: str) -> Path:
+    """``output`` as a Path, after refusing an existing non-empty directory that lacks ``marker``.
+
+    ``marker`` is the file every output of this ``kind`` (e.g. "merge") holds,
+    so a previous output may be replaced while anything else is left alone.
+    """
+    output = Path(output).expanduser()
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"output {output} exists and is not a directory")
+    if output.is_dir() and any(output.iterdir()) and not (output / marker).is_file():
+        raise ValueError(
+            f"output directory {output} is not empty and is not a previous liftft {kind} (no {marker}); "
+            "choose another output or remove it"
+        )
+    return output
+
+
+@contextmanager
+def atomic_directory(output: Path):
+    """Yield a fresh directory beside ``output``; on success it replaces ``output``, on error it is removed.
+
+    A failure or kill while writing leaves any previous ``output`` untouched.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if output.exists():
+        # A directory can't be renamed over a non-empty one: move the old one aside first.
+        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(output, old)
+        os.replace(tmp, output)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, output)
