@@ -24,7 +24,9 @@ class LiftConfig:
     a regular expression matched against whole module names; ``exclude_modules``
     takes the same list or regex forms. ``master_weights`` keeps an fp32 copy of
     the selected entries of 16-bit weights, so that updates below the weight's
-    resolution still accumulate.
+    resolution still accumulate. ``sampled_grad`` makes target nn.Linear layers
+    compute their weight gradient only at the selected entries (see
+    :mod:`liftft.sampled`) instead of forming the dense gradient and gathering.
     """
 
     rank: int | None = 128
@@ -36,6 +38,7 @@ class LiftConfig:
     target_modules: str | Sequence[str] = "all-linear"
     exclude_modules: str | Sequence[str] | None = None
     master_weights: bool = True
+    sampled_grad: bool = False
     seed: int = 0
 
     def __post_init__(self):
@@ -58,6 +61,9 @@ class LiftConfig:
         _check_pattern("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             _check_pattern("exclude_modules", self.exclude_modules)
+        for name in ("master_weights", "sampled_grad"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         _check_int("seed", self.seed, minimum=0)
 
     def to_dict(self) -> dict:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
+from liftft import distributed
 from liftft.config import LiftConfig
+from liftft.sampled import sample_weight_gradients, sampled_weight_grad
 from liftft.selection import budget, select_indices
 from liftft.targets import find_targets
 
@@ -60,24 +64,42 @@ class LiftAdamW(torch.optim.Optimizer):
         if not isinstance(cfg, LiftConfig):
             raise TypeError(f"cfg must be a LiftConfig, got {type(cfg).__name__}")
         _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm)
+        _check_not_wrapped(model)
         targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
         dense = _named_dense(model, dense_params, targets)
         for name, p in targets.items():
             if not p.is_contiguous():
                 raise ValueError(f"target {name} is not contiguous; LIFT indexes its flat storage")
+        routed = sample_weight_gradients(model, targets, self._gather_sampled_grad) if cfg.sampled_grad else []
         _freeze_all_but(model, list(targets.values()) + list(dense.values()))
+        # Under FSDP2 the optimizer works on each target's local shard: plain tensors, indexed like any weight.
+        shards = distributed.local_shards(targets)
+        if shards and dense:
+            raise ValueError("dense_params are not supported with FSDP2-sharded targets; train them in another optimizer")
+        trained = {name: shards.get(name, p) for name, p in targets.items()}
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        groups = [dict(params=list(targets.values()), kind="lift", names=list(targets), steps=0, refreshes=0)]
+        groups = [dict(params=list(trained.values()), kind="lift", names=list(trained), steps=0, refreshes=0)]
         if dense:
             groups.append(dict(params=list(dense.values()), kind="dense", names=list(dense)))
         super().__init__(groups, defaults)
         self.cfg = cfg
         self.max_grad_norm = max_grad_norm
-        self._params = targets
+        self._params = trained
+        self._sharded = {shards[name]: targets[name] for name in shards}
         self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
-        self._hooks = [p.register_post_accumulate_grad_hook(self._gather_grad) for p in targets.values()]
+        # Set once the model runs inside DistributedDataParallel: DDP then averages the dense gradients.
+        self._reduced_by_ddp = False
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(
+                functools.partial(self._gather_shard_grad, shards[name]) if name in shards else self._gather_grad)
+            for name, p in targets.items()
+        ]
+        self._hooks.append(model.register_forward_pre_hook(self._note_ddp_forward))
+        self._hooks += routed
         self._select_all(refresh=False)
+        # A wrapper that swaps this list for its own (DeepSpeed ZeRO's flat partitions) is caught at step().
+        self._lift_params = self._lift_group["params"]
 
     # ----- public API -----
 
@@ -102,6 +124,10 @@ class LiftAdamW(torch.optim.Optimizer):
         """Names of the target weights, in model order."""
         return list(self._params)
 
+    def sharded_parameter(self, shard: torch.Tensor):
+        """Under FSDP2, the DTensor parameter whose local shard is ``shard`` (what :meth:`trained_parameters` yields)."""
+        return self._sharded[shard]
+
     def refresh(self) -> None:
         """Re-select every target from its current weights, carrying the state of entries that stay."""
         self._select_all(refresh=True)
@@ -125,6 +151,10 @@ class LiftAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if self._lift_group["params"] is not self._lift_params:
+            raise RuntimeError("LiftAdamW's parameter groups were replaced by a wrapper (DeepSpeed ZeRO does this); "
+                               f"LIFT cannot follow flattened partitions. Use {distributed.SUPPORTED}.")
+        self._synchronize_gradients()
         clip = self._clip_coefficient()
         for group in self.param_groups:
             for p in group["params"]:
@@ -160,14 +190,73 @@ class LiftAdamW(torch.optim.Optimizer):
 
     def _gather_grad(self, p: nn.Parameter) -> None:
         """Hook: add the selected entries of p.grad into p's fp32 buffer and free the dense gradient."""
-        idx = self.state[p]["indices"]
-        picked = p.grad.view(-1).index_select(0, idx).float()
-        buffer = self._grad_buffers.get(p)
+        if p.grad is None:
+            return  # a sampled_grad target: backward already gathered its selected entries
+        if self._reduced_by_ddp:
+            return  # DDP has not averaged p.grad yet (it reduces after this hook); step() gathers it
+        self._add_selected(p, p.grad)
+        p.grad = None
+
+    def _gather_shard_grad(self, shard: torch.Tensor, p) -> None:
+        """Hook on an FSDP2 DTensor target: its gradient is this rank's shard of the rank-averaged gradient."""
+        self._add_selected(shard, p.grad.to_local())
+        p.grad = None
+
+    def _add_selected(self, key: torch.Tensor, grad: torch.Tensor) -> None:
+        idx = self.state[key]["indices"]
+        picked = grad.view(-1).index_select(0, idx).float()
+        buffer = self._grad_buffers.get(key)
         if buffer is None:
-            self._grad_buffers[p] = picked
+            self._grad_buffers[key] = picked
         else:
             buffer.add_(picked)
-        p.grad = None
+
+    def _gather_sampled_grad(self, p: nn.Parameter, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
+        """Sink of liftft.sampled (cfg.sampled_grad): add p's weight gradient, computed at the selected entries only."""
+        if self._reduced_by_ddp:
+            raise RuntimeError("sampled_grad does not work under DistributedDataParallel, which averages dense "
+                               "gradients only; use LiftConfig(sampled_grad=False)")
+        picked = sampled_weight_grad(grad_output, inputs, self.state[p]["indices"], tuple(p.shape))
+        buffer = self._grad_buffers.get(p)
+        self._grad_buffers[p] = picked if buffer is None else buffer.add_(picked)
+
+    def _note_ddp_forward(self, module, args) -> None:
+        """Forward pre-hook: notice when the model runs inside DistributedDataParallel."""
+        if self._reduced_by_ddp or DistributedDataParallel._get_active_ddp_module() is None:
+            return
+        if self._grad_buffers:
+            raise RuntimeError("the model was wrapped in DistributedDataParallel in the middle of an optimizer step")
+        self._reduced_by_ddp = True
+
+    def _synchronize_gradients(self) -> None:
+        """Make every rank hold the rank-averaged gathered gradients (a no-op in one process and under FSDP2)."""
+        if self._reduced_by_ddp:
+            for p in self._params.values():
+                if p.grad is not None:
+                    self._add_selected(p, p.grad)
+                    p.grad = None
+        elif not self._sharded and distributed.world_size() > 1:
+            self._average_gradients()
+
+    def _average_gradients(self) -> None:
+        """All-reduce the length-k buffers and the dense grads; a rank lacking one contributes zeros."""
+        lift = list(self._params.values())
+        dense = [p for g in self.param_groups if g["kind"] == "dense" for p in g["params"]]
+        device = lift[0].device
+        present = torch.tensor([p in self._grad_buffers for p in lift] + [p.grad is not None for p in dense],
+                               dtype=torch.float32, device=device)
+        for p in lift:
+            if p not in self._grad_buffers:
+                self._grad_buffers[p] = torch.zeros(self.state[p]["indices"].numel(), device=p.device)
+        for p in dense:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        distributed.average_across_ranks([present, *(self._grad_buffers[p] for p in lift), *(p.grad for p in dense)])
+        # Whatever no rank received stays absent, so its moments do not decay, as in one process.
+        for p, received in zip(lift + dense, present.tolist()):
+            if not received:
+                self._grad_buffers.pop(p, None)
+                p.grad = None
 
     def _clip_coefficient(self):
         if self.max_grad_norm is None:
@@ -177,6 +266,8 @@ class LiftAdamW(torch.optim.Optimizer):
         if not grads:
             return None
         total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+        if self._sharded:  # each rank holds the entries of its own rows
+            total = distributed.root_sum_of_squares_across_ranks(total)
         # Same rule as torch.nn.utils.clip_grad_norm_, kept on device: no host sync.
         return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
 
@@ -185,15 +276,22 @@ class LiftAdamW(torch.optim.Optimizer):
         if grad is None:
             return
         state = self.state[p]
-        if clip is not None:
-            grad = grad * clip
         state["step"] += 1
+        step = int(state["step"].item())
+        beta1, beta2 = group["betas"]
+        hyperparameters = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         flat = p.data.view(-1)
         idx = state["indices"]
+        if _fused_step_available(p):
+            from liftft.kernels import sparse_adamw_step
+
+            sparse_adamw_step(flat, idx, grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"), step,
+                              *hyperparameters, clip=clip)
+            return
+        if clip is not None:
+            grad = grad * clip
         values = state["master"] if "master" in state else flat.index_select(0, idx).float()
-        beta1, beta2 = group["betas"]
-        adamw_update(values, grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"].item()),
-                     group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+        adamw_update(values, grad, state["exp_avg"], state["exp_avg_sq"], step, *hyperparameters)
         flat.index_put_((idx,), values.to(flat.dtype))
 
     def _step_dense(self, p, group, clip) -> None:
@@ -223,12 +321,25 @@ class LiftAdamW(torch.optim.Optimizer):
         cfg = self.cfg
         refreshes = self._lift_group["refreshes"] + int(refresh)
         for ordinal, (name, p) in enumerate(self._params.items()):
-            k = budget(tuple(p.shape), rank=cfg.rank, density=cfg.density)
-            current = self._current_fp32(p) if refresh else p.detach()
+            current = self._whole_matrix(p, self._current_fp32(p) if refresh else p.detach())
+            k = budget(tuple(current.shape), rank=cfg.rank, density=cfg.density)
             seed = cfg.seed + 7919 * ordinal + 104729 * refreshes
-            idx = select_indices(current, k, cfg.selector, cfg.filter_rank, cfg.svd, seed)
+            idx = self._agreed_indices(p, select_indices(current, k, cfg.selector, cfg.filter_rank, cfg.svd, seed))
             new = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
             self.state[p] = _with_touched(new, self.state[p] if refresh else None, p)
+
+    def _whole_matrix(self, p, current: torch.Tensor) -> torch.Tensor:
+        """The matrix to select from: ``current``, or under FSDP2 every rank's shard of it gathered."""
+        sharded = self._sharded.get(p)
+        return current if sharded is None else distributed.full_matrix(current, sharded)
+
+    def _agreed_indices(self, p, idx: torch.Tensor) -> torch.Tensor:
+        """Rank 0's selection, on every rank; under FSDP2 only the part in this rank's rows, as shard indices."""
+        idx = distributed.broadcast_from_rank0(idx)
+        sharded = self._sharded.get(p)
+        if sharded is None:
+            return idx
+        return distributed.local_indices(idx, distributed.shard_rows(sharded), sharded.shape[1])
 
     def _current_fp32(self, p) -> torch.Tensor:
         """p in fp32 with its master values written in, so selection sees the true current weights."""
@@ -262,6 +373,15 @@ class LiftAdamW(torch.optim.Optimizer):
             if key in old:
                 new[key] = torch.where(kept, old[key][pos], new[key])
         return new
+
+
+def _fused_step_available(p: torch.Tensor) -> bool:
+    """Whether p's sparse step runs as liftft.kernels' fused Triton kernel (CUDA with Triton only)."""
+    if not p.is_cuda:
+        return False
+    from liftft.kernels import fused_available  # imports Triton, so only ever for CUDA parameters
+
+    return fused_available(p.device)
 
 
 def _with_touched(state: dict, previous: dict | None, p) -> dict:
@@ -317,3 +437,10 @@ def _freeze_all_but(model: nn.Module, trained: list[nn.Parameter]) -> None:
         p.requires_grad_(id(p) in trained_ids)
     for p in trained:
         p.requires_grad_(True)
+
+
+def _check_not_wrapped(model: nn.Module) -> None:
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("build LiftAdamW on the bare model (ddp.module) and wrap it in DistributedDataParallel "
+                         "afterwards, so that DDP only reduces the parameters LIFT trains")
+    distributed.reject_deepspeed(model)

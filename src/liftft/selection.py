@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from typing import Callable, Sequence
 
 import torch
 
@@ -13,6 +14,10 @@ from liftft.config import SELECTORS, SVD_METHODS
 # lost ~5% of the exact selection; this one keeps >99% (tests/test_selection.py).
 MIN_OVERSAMPLE = 16
 POWER_ITERATIONS = 4
+# select_many stacks same-shaped matrices for one batched SVD. A group holds at
+# most this many entries (at least one matrix), so selection's workspace, a few
+# fp32 copies of one group, stays bounded however many matrices share a shape.
+MAX_GROUP_NUMEL = 2**26
 
 
 def budget(shape, rank: int | None = None, density: float | None = None) -> int:
@@ -57,13 +62,8 @@ def select_indices(
     function of the weight and seed alone. Work happens on the weight's device;
     the result is int32 when the matrix has fewer than 2**31 entries.
     """
-    if selector not in SELECTORS:
-        raise ValueError(f"unknown selector {selector!r}; allowed: {', '.join(SELECTORS)}")
-    if weight.dim() != 2:
-        raise ValueError(f"selection needs a 2-D weight, got shape {tuple(weight.shape)}")
+    _check_selection(weight, k, selector)
     numel = weight.numel()
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= numel:
-        raise ValueError(f"k must be an integer in [1, {numel}] for shape {tuple(weight.shape)}, got {k!r}")
     with torch.no_grad():
         if selector == "random":
             idx = _random_indices(numel, k, seed, weight.device)
@@ -76,11 +76,56 @@ def select_indices(
     return idx.to(index_dtype(numel))
 
 
-def low_rank_approximation(weight: torch.Tensor, rank: int, svd: str = "exact", seed: int = 0) -> torch.Tensor:
+def select_many(
+    weights: Sequence[torch.Tensor],
+    ks: int | Sequence[int],
+    selector: str = "principal",
+    filter_rank: int = 64,
+    svd: str = "exact",
+    seeds: int | Sequence[int] = 0,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_group_numel: int = MAX_GROUP_NUMEL,
+) -> list[torch.Tensor]:
+    """:func:`select_indices` for many matrices: entry i is ``select_indices(prepare(weights[i]), ks[i], ..., seeds[i])``.
+
+    Principal selectors stack matrices of the same shape and device into groups
+    of at most ``max_group_numel`` entries and run one batched SVD per group;
+    each matrix keeps its own sketch seed, so the result does not depend on the
+    grouping. ``prepare`` maps a weight to the matrix actually scored (e.g. with
+    fp32 master values written in); it is called only when that matrix's group
+    is processed, so at most one group's copies exist at a time. ``ks`` and
+    ``seeds`` take one value for all or one per matrix.
+    """
+    weights = list(weights)
+    ks = _per_matrix("ks", ks, len(weights))
+    seeds = _per_matrix("seeds", seeds, len(weights))
+    for weight, k in zip(weights, ks):
+        _check_selection(weight, k, selector)
+    if isinstance(max_group_numel, bool) or not isinstance(max_group_numel, int) or max_group_numel < 1:
+        raise ValueError(f"max_group_numel must be an integer >= 1, got {max_group_numel!r}")
+    prepare = prepare or (lambda w: w)
+    if selector not in ("principal", "principal-smallest"):
+        return [select_indices(prepare(w), k, selector, filter_rank, svd, s) for w, k, s in zip(weights, ks, seeds)]
+    chosen: list[torch.Tensor | None] = [None] * len(weights)
+    with torch.no_grad():
+        for group in _shape_groups(weights, max_group_numel):
+            stacked = torch.stack([prepare(weights[i]).detach().float() for i in group])
+            scores = low_rank_approximation(stacked, filter_rank, svd, [seeds[i] for i in group]).abs_()
+            del stacked
+            for row, i in enumerate(group):
+                idx = top_k_indices(scores[row].flatten(), ks[i], largest=selector == "principal")
+                chosen[i] = idx.to(index_dtype(weights[i].numel()))
+    return chosen
+
+
+def low_rank_approximation(
+    weight: torch.Tensor, rank: int, svd: str = "exact", seed: int | Sequence[int] = 0
+) -> torch.Tensor:
     """The rank-``rank`` SVD approximation U_r Σ_r V_rᵀ of ``weight``, in fp32.
 
     ``rank`` above min(m, n) is clamped with a one-time warning. Leading batch
-    dimensions are allowed, so same-shaped matrices can share one call.
+    dimensions are allowed, so same-shaped matrices can share one call; ``seed``
+    may then give one randomized-SVD seed per matrix of a (b, m, n) stack.
     """
     if svd not in SVD_METHODS:
         raise ValueError(f"unknown svd {svd!r}; allowed: {', '.join(SVD_METHODS)}")
@@ -99,12 +144,20 @@ def low_rank_approximation(weight: torch.Tensor, rank: int, svd: str = "exact", 
     return (u * s.unsqueeze(-2)) @ vh
 
 
-def randomized_svd(w: torch.Tensor, rank: int, seed: int = 0):
-    """Top-``rank`` singular triplets of fp32 ``w`` by a seeded Halko sketch with power iterations."""
+def randomized_svd(w: torch.Tensor, rank: int, seed: int | Sequence[int] = 0):
+    """Top-``rank`` singular triplets of fp32 ``w`` by a seeded Halko sketch with power iterations.
+
+    With a sequence of seeds, ``w`` is a (b, m, n) stack and matrix i is sketched
+    from ``seed[i]`` exactly as it would be alone, so batching never changes a result.
+    """
     m, n = w.shape[-2:]
     sketch = min(rank + max(rank, MIN_OVERSAMPLE), m, n)
-    gen = torch.Generator(device=w.device).manual_seed(seed)
-    omega = torch.randn(*w.shape[:-2], n, sketch, generator=gen, device=w.device, dtype=w.dtype)
+    if isinstance(seed, int):
+        omega = _gaussian((*w.shape[:-2], n, sketch), seed, w)
+    else:
+        if w.dim() != 3 or len(seed) != w.shape[0]:
+            raise ValueError(f"{len(seed)} seeds for a stack of shape {tuple(w.shape)}; give one per matrix of a 3-D stack")
+        omega = torch.stack([_gaussian((n, sketch), s, w) for s in seed])
     q = torch.linalg.qr(w @ omega).Q
     for _ in range(POWER_ITERATIONS):
         q = torch.linalg.qr(w.mT @ q).Q
@@ -121,6 +174,42 @@ def top_k_indices(scores: torch.Tensor, k: int, largest: bool = True) -> torch.T
     chosen = beyond.nonzero().squeeze(1)
     tied = (scores == threshold).nonzero().squeeze(1)[: k - chosen.numel()]
     return torch.cat([chosen, tied]).sort().values
+
+
+def _gaussian(shape, seed: int, like: torch.Tensor) -> torch.Tensor:
+    gen = torch.Generator(device=like.device).manual_seed(seed)
+    return torch.randn(*shape, generator=gen, device=like.device, dtype=like.dtype)
+
+
+def _check_selection(weight: torch.Tensor, k, selector: str) -> None:
+    if selector not in SELECTORS:
+        raise ValueError(f"unknown selector {selector!r}; allowed: {', '.join(SELECTORS)}")
+    if weight.dim() != 2:
+        raise ValueError(f"selection needs a 2-D weight, got shape {tuple(weight.shape)}")
+    numel = weight.numel()
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= numel:
+        raise ValueError(f"k must be an integer in [1, {numel}] for shape {tuple(weight.shape)}, got {k!r}")
+
+
+def _per_matrix(name: str, value, count: int) -> list:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value] * count
+    values = list(value)
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} values for {count} matrices")
+    return values
+
+
+def _shape_groups(weights: list[torch.Tensor], max_group_numel: int) -> list[list[int]]:
+    """Positions of ``weights`` grouped by (shape, device), each group at most max_group_numel entries (>= 1 matrix)."""
+    by_shape: dict[tuple, list[int]] = {}
+    for i, w in enumerate(weights):
+        by_shape.setdefault((tuple(w.shape), w.device), []).append(i)
+    groups = []
+    for (shape, _), positions in by_shape.items():
+        size = max(1, max_group_numel // (shape[0] * shape[1]))
+        groups += [positions[start : start + size] for start in range(0, len(positions), size)]
+    return groups
 
 
 def _random_indices(numel: int, k: int, seed: int, device) -> torch.Tensor:

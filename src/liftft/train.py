@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -14,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from liftft import distributed
 from liftft.atomic import write_json_atomic
 from liftft.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from liftft.data import IGNORE_INDEX, DataCollator, encode_dataset, load_records, split_validation
@@ -101,9 +103,11 @@ class TrainArgs:
 
 
 def resolve_device(device: str) -> torch.device:
-    """``"auto"`` is CUDA when available, else CPU."""
+    """``"auto"`` is CUDA when available, else CPU; under a multi-process launcher, CUDA is this process's GPU."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and distributed.launched_distributed():
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}"
     return torch.device(device)
 
 
@@ -113,10 +117,28 @@ def train(args: TrainArgs) -> dict:
 
 
 def run_training(args: TrainArgs):
-    """Like :func:`train`, returning (trained model, metrics)."""
+    """Like :func:`train`, returning (trained model, metrics).
+
+    Under torchrun or accelerate launch every process joins the launcher's
+    process group and trains on its share of each batch; rank 0 alone writes.
+    """
+    distributed.reject_deepspeed()
+    device = resolve_device(args.device)
+    if device.type == "cuda" and distributed.launched_distributed():
+        torch.cuda.set_device(device)
+    joined = distributed.init_from_launcher(device.type)
+    try:
+        return _run_training(args, device)
+    finally:
+        if joined:
+            torch.distributed.destroy_process_group()
+
+
+def _run_training(args: TrainArgs, device: torch.device):
     out = Path(args.output)
     _check_output_dir(out, args)
-    device = resolve_device(args.device)
+    distributed.barrier()  # every rank has read the output dir before rank 0 writes to it
+    main = distributed.is_main_process()
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     tokenizer = load_tokenizer(args.model)
@@ -131,17 +153,21 @@ def run_training(args: TrainArgs):
         lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, svd=args.svd, seed=args.seed,
     )
     model, optimizer = setup.model, setup.optimizer
-    print(f"liftft train: method={args.method} trainable={setup.trainable:,} "
+    if main:
+        print(f"liftft train: method={args.method} trainable={setup.trainable:,} "
           f"({setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__})")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
-    out.mkdir(parents=True, exist_ok=True)
-    handler = _log_to(out)
+    run_info = {"args": args.run_record(), "world_size": distributed.world_size()}
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    handler = _log_to(out) if main else logging.NullHandler()
     try:
-        write_json_atomic(out / RUN_FILE, {"args": args.run_record(), "status": "running", "data": data_stats,
-                                           "trainable": setup.trainable})
+        if main:
+            write_json_atomic(out / RUN_FILE, {**run_info, "status": "running", "data": data_stats,
+                                               "trainable": setup.trainable})
         loop = _Loop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16)
         loop.maybe_resume()
         metrics = loop.run()
@@ -149,9 +175,10 @@ def run_training(args: TrainArgs):
             metrics["eval_loss"] = loop.evaluate(val_examples)
             logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
         metrics.update(trainable=setup.trainable, data=data_stats)
-        _write_outputs(args, setup, tokenizer, metrics)
-        write_json_atomic(out / RUN_FILE, {"args": args.run_record(), "status": "done", "metrics": metrics,
-                                           "trainable": setup.trainable})
+        if main:
+            _write_outputs(args, setup, tokenizer, metrics)
+            write_json_atomic(out / RUN_FILE, {**run_info, "status": "done", "metrics": metrics,
+                                               "trainable": setup.trainable})
     finally:
         logger.removeHandler(handler)
         handler.close()
@@ -162,7 +189,8 @@ def _check_output_dir(out: Path, args: TrainArgs) -> None:
     record = out / RUN_FILE
     if not record.is_file():
         return
-    previous = json.loads(record.read_text()).get("args", {})
+    run = json.loads(record.read_text())
+    previous = run.get("args", {})
     differing = sorted(k for k in set(previous) | set(args.run_record())
                        if json.dumps(previous.get(k), default=str) != json.dumps(args.run_record().get(k), default=str))
     if differing:
@@ -170,6 +198,9 @@ def _check_output_dir(out: Path, args: TrainArgs) -> None:
                          "choose another --output")
     if not args.resume:
         raise ValueError(f"output dir {out} already holds this run; pass --resume to continue it or choose another --output")
+    if run.get("world_size", 1) != distributed.world_size():
+        raise ValueError(f"output dir {out} holds a run on {run.get('world_size', 1)} processes; resume it on as many "
+                         f"(torchrun --nproc-per-node {run.get('world_size', 1)}), not {distributed.world_size()}")
 
 
 def _prepare_data(args: TrainArgs, tokenizer):
@@ -199,7 +230,10 @@ class _Loop:
         self.collate = DataCollator(pad_token_id)
         self.device = device
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-        self.micro_per_epoch = math.ceil(len(examples) / args.batch_size)
+        # Each of the world's ranks takes batch_size examples of every micro-batch.
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        self.micro_per_epoch = math.ceil(len(examples) / (args.batch_size * self.world))
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / args.grad_accum)
         self.total_steps = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
         from transformers import get_scheduler
@@ -227,12 +261,14 @@ class _Loop:
         torch.set_rng_state(state["rng"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
-        print(f"liftft train: resumed from {checkpoint} at step {self.step}")
+        if self.is_main:
+            print(f"liftft train: resumed from {checkpoint} at step {self.step}")
 
     def run(self) -> dict:
         args = self.args
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {args.method}", disable=not args.progress)
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {args.method}",
+                   disable=not args.progress or not self.is_main)
         loss = float("nan")
         start = time.perf_counter() - self.elapsed
         while self.step < self.total_steps:
@@ -248,7 +284,7 @@ class _Loop:
             self._log({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "seconds": round(self.elapsed, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps:
+            if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps and self.is_main:
                 self.save()
         bar.close()
         return {"train_loss": loss, "steps": self.step, "tokens": self.tokens, "train_seconds": round(self.elapsed, 3)}
@@ -260,24 +296,36 @@ class _Loop:
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
         first = within * args.grad_accum
         micro = range(first, min(first + args.grad_accum, self.micro_per_epoch))
-        return [[self.examples[i] for i in order[m * args.batch_size:(m + 1) * args.batch_size].tolist()] for m in micro]
+        size = args.batch_size * self.world
+        # This rank's slice of each global micro-batch; at an epoch's end it may be short or empty.
+        mine = [order[m * size:(m + 1) * size][self.rank * args.batch_size:(self.rank + 1) * args.batch_size] for m in micro]
+        return [[self.examples[i] for i in part.tolist()] for part in mine]
 
     def _train_step(self, micro_batches) -> tuple[float, int]:
-        batches = [self.collate(b) for b in micro_batches]
-        # Token-weighted loss over the whole accumulated batch, so accumulation equals one big batch.
-        n_tokens = sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)
+        batches = [self.collate(b) for b in micro_batches if b]
+        # Token-weighted loss over the whole accumulated batch of all ranks, so accumulation and data
+        # parallelism equal one big batch; the gradients are then averaged over ranks, hence * world.
+        (n_tokens,) = distributed.sum_across_ranks([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)])
         total = 0.0
         for batch in batches:
             loss_sum = self._loss_sum(batch)
-            (loss_sum / n_tokens).backward()
+            (loss_sum / n_tokens * self.world).backward()
             total += loss_sum.item()
+        seen = sum(int(b["attention_mask"].sum()) for b in batches)
+        total, seen = distributed.sum_across_ranks([total, seen])
+        if self.setup.kind != "sparse" and self.world > 1:  # LiftAdamW averages its own gathered gradients
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            for p in trained:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.average_across_ranks([p.grad for p in trained])
         if self.setup.kind != "sparse" and self.args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.args.max_grad_norm)
         if math.isfinite(total):
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return total / max(n_tokens, 1), sum(int(b["attention_mask"].sum()) for b in batches)
+        return total / max(n_tokens, 1), int(seen)
 
     def _loss_sum(self, batch) -> torch.Tensor:
         batch = {k: v.to(self.device) for k, v in batch.items()}
@@ -311,6 +359,8 @@ class _Loop:
         return path
 
     def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
 

@@ -1,0 +1,131 @@
+"""A fused Triton kernel for LiftAdamW's sparse step on CUDA.
+
+One launch per target matrix reads the k gathered fp32 gradients, the two
+moments and the fp32 master values (or, without masters, the selected weight
+entries), applies torch.optim.AdamW's update, and writes the moments, the
+masters and the selected weight entries, rounded to the weight's dtype, back.
+The pure-torch :func:`liftft.optim.adamw_update` stays the CPU path and the
+reference this kernel is tested against (tests/test_kernels.py).
+
+Triton is imported here only; liftft.optim imports this module lazily, for
+CUDA parameters, so CPU-only installs never need it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: liftft.optim keeps its torch path
+    triton = None
+
+# Set LIFTFT_NO_TRITON=1 to run the torch path on CUDA too (to compare, or to rule the kernel out).
+DISABLE_ENV = "LIFTFT_NO_TRITON"
+BLOCK_SIZE = 1024
+
+
+def fused_available(device: torch.device | str) -> bool:
+    """True when the fused kernel can run on ``device``: a CUDA device, Triton installed, LIFTFT_NO_TRITON unset."""
+    return (
+        triton is not None
+        and torch.device(device).type == "cuda"
+        and os.environ.get(DISABLE_ENV, "") in ("", "0")
+    )
+
+
+def sparse_adamw_step(
+    weight: torch.Tensor,
+    indices: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    master: torch.Tensor | None,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip: torch.Tensor | None = None,
+) -> None:
+    """One AdamW step, in place and in one kernel, on the entries ``indices`` of the flat CUDA tensor ``weight``.
+
+    The update is :func:`liftft.optim.adamw_update` applied to ``master`` (fp32,
+    length k), or to the selected entries of ``weight`` widened to fp32 when
+    ``master`` is None; the new values go to ``master`` and, rounded to
+    ``weight``'s dtype, to ``weight[indices]``. ``grad``, ``exp_avg`` and
+    ``exp_avg_sq`` are contiguous fp32 of length k; ``grad`` is first multiplied
+    by the 0-d tensor ``clip`` when given, read on the device. ``step`` is the
+    step number after this update's increment, a host int, so nothing syncs.
+    """
+    if not fused_available(weight.device):
+        raise RuntimeError(f"the fused sparse AdamW kernel needs CUDA and Triton (weight is on {weight.device}, "
+                           f"triton {'missing' if triton is None else 'present'}, {DISABLE_ENV}={os.environ.get(DISABLE_ENV)!r})")
+    k = indices.numel()
+    for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("master", master)):
+        if t is not None and (t.dtype != torch.float32 or t.numel() != k or not t.is_contiguous()):
+            raise ValueError(f"{name} must be contiguous fp32 with {k} entries, got {t.dtype} {tuple(t.shape)}")
+    if k == 0:
+        return
+    bias_correction1 = 1 - beta1**step
+    # torch divides a CUDA tensor by a Python scalar as a multiplication by its fp32 reciprocal; so does the kernel.
+    inverse_bias_correction2_sqrt = 1.0 / _fp32(math.sqrt(1 - beta2**step))
+    _sparse_adamw_kernel[(triton.cdiv(k, BLOCK_SIZE),)](
+        weight, indices, grad, exp_avg, exp_avg_sq,
+        exp_avg if master is None else master,  # never read without HAS_MASTER
+        grad if clip is None else clip,  # never read without HAS_CLIP
+        k,
+        1 - lr * weight_decay, 1 - beta1, beta2, 1 - beta2, inverse_bias_correction2_sqrt, eps, -lr / bias_correction1,
+        HAS_MASTER=master is not None,
+        HAS_CLIP=clip is not None,
+        LERP_FROM_START=abs(1 - beta1) < 0.5,
+        BLOCK=BLOCK_SIZE,
+    )
+
+
+def _fp32(value: float) -> float:
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+if triton is not None:
+
+    @triton.jit
+    def _sparse_adamw_kernel(
+        weight_ptr, idx_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, master_ptr, clip_ptr,
+        k,
+        decay, one_minus_beta1, beta2, one_minus_beta2, inverse_bias_correction2_sqrt, eps, neg_step_size,
+        HAS_MASTER: tl.constexpr, HAS_CLIP: tl.constexpr, LERP_FROM_START: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < k
+        idx = tl.load(idx_ptr + offsets, mask=mask, other=0)
+        g = tl.load(grad_ptr + offsets, mask=mask, other=0.0)
+        if HAS_CLIP:
+            g = g * tl.load(clip_ptr)
+        m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
+        v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+        if HAS_MASTER:
+            p = tl.load(master_ptr + offsets, mask=mask, other=0.0)
+        else:
+            p = tl.load(weight_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        # Each line is one op of adamw_update, in its order: param.mul_, exp_avg.lerp_ (torch's two-branch
+        # formula), exp_avg_sq.mul_ then addcmul_, the denominator, then addcdiv_.
+        p = p * decay
+        if LERP_FROM_START:
+            m = m + one_minus_beta1 * (g - m)
+        else:
+            m = g - (g - m) * (1.0 - one_minus_beta1)
+        v = v * beta2
+        v = v + one_minus_beta2 * g * g
+        denom = tl.sqrt_rn(v) * inverse_bias_correction2_sqrt + eps
+        p = p + neg_step_size * tl.div_rn(m, denom)
+        tl.store(exp_avg_ptr + offsets, m, mask=mask)
+        tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+        if HAS_MASTER:
+            tl.store(master_ptr + offsets, p, mask=mask)
+        tl.store(weight_ptr + idx, p.to(weight_ptr.dtype.element_ty), mask=mask)
