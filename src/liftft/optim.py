@@ -70,12 +70,14 @@ class LiftAdamW(torch.optim.Optimizer):
         for name, p in targets.items():
             if not p.is_contiguous():
                 raise ValueError(f"target {name} is not contiguous; LIFT indexes its flat storage")
-        routed = sample_weight_gradients(model, targets, self._gather_sampled_grad) if cfg.sampled_grad else []
-        _freeze_all_but(model, list(targets.values()) + list(dense.values()))
         # Under FSDP2 the optimizer works on each target's local shard: plain tensors, indexed like any weight.
         shards = distributed.local_shards(targets)
         if shards and dense:
             raise ValueError("dense_params are not supported with FSDP2-sharded targets; train them in another optimizer")
+        if shards and cfg.sampled_grad:
+            raise ValueError("sampled_grad does not work with FSDP2-sharded targets; use LiftConfig(sampled_grad=False)")
+        routed = sample_weight_gradients(model, targets, self._gather_sampled_grad) if cfg.sampled_grad else []
+        _freeze_all_but(model, list(targets.values()) + list(dense.values()))
         trained = {name: shards.get(name, p) for name, p in targets.items()}
 
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)

@@ -155,7 +155,7 @@ def _run_training(args: TrainArgs, device: torch.device):
     model, optimizer = setup.model, setup.optimizer
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} "
-          f"({setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__})")
+              f"({setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__})")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
