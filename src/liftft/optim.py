@@ -394,13 +394,23 @@ def _with_touched(state: dict, previous: dict | None, p) -> dict:
         state["base"] = p.detach().view(-1)[state["indices"]].cpu()
         return state
     touched, base = previous["touched"], previous["base"]
-    new = idx[~torch.isin(idx, touched)]
+    pos = torch.searchsorted(touched, idx).clamp_(max=touched.numel() - 1)
+    new = idx[touched[pos] != idx]
     # Entries never selected before were never changed: their current value is the base value.
-    touched = torch.cat([touched, new])
-    base = torch.cat([base, p.detach().view(-1)[new.to(p.device)].cpu()])
-    order = touched.argsort()
-    state["touched"], state["base"] = touched[order], base[order]
+    new_base = p.detach().view(-1)[new.to(p.device)].cpu()
+    state["touched"], state["base"] = _merge_sorted(touched, base, new, new_base)
     return state
+
+
+def _merge_sorted(a, a_values, b, b_values):
+    """Merge two disjoint sorted index tensors and their values in O(n log m), without a full sort."""
+    merged = torch.empty(a.numel() + b.numel(), dtype=a.dtype)
+    values = torch.empty(merged.numel(), dtype=a_values.dtype)
+    a_at = torch.arange(a.numel()) + torch.searchsorted(b, a)
+    b_at = torch.arange(b.numel()) + torch.searchsorted(a, b)
+    merged[a_at], values[a_at] = a, a_values
+    merged[b_at], values[b_at] = b, b_values
+    return merged, values
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm) -> None:
