@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 
 from liftft.methods import METHODS
 
@@ -85,5 +86,7 @@ def run(args) -> int:
     from liftft.train import train
 
     metrics = train(train_args_from(args))
-    print(f"liftft train: done: {', '.join(f'{k}={v}' for k, v in metrics.items() if k != 'data')}")
+    # The process group is gone by now; the launcher's RANK still says which process this is.
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"liftft train: done: {', '.join(f'{k}={v}' for k, v in metrics.items() if k != 'data')}")
     return 0
