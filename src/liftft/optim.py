@@ -22,6 +22,11 @@ _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
 HOST_STATE = ("step", "touched", "base")
 
 
+def selection_seed(seed: int, ordinal: int, refreshes: int = 0) -> int:
+    """The seed of target number ``ordinal``'s selection after ``refreshes`` refreshes (used by "random" and randomized SVD)."""
+    return seed + 7919 * ordinal + 104729 * refreshes
+
+
 def adamw_update(param, grad, exp_avg, exp_avg_sq, step: int, lr, beta1, beta2, eps, weight_decay) -> None:
     """One torch.optim.AdamW update of fp32 ``param`` in place (decoupled decay, eps after sqrt(v̂))."""
     param.mul_(1 - lr * weight_decay)
@@ -325,7 +330,7 @@ class LiftAdamW(torch.optim.Optimizer):
         for ordinal, (name, p) in enumerate(self._params.items()):
             current = self._whole_matrix(p, self._current_fp32(p) if refresh else p.detach())
             k = budget(tuple(current.shape), rank=cfg.rank, density=cfg.density)
-            seed = cfg.seed + 7919 * ordinal + 104729 * refreshes
+            seed = selection_seed(cfg.seed, ordinal, refreshes)
             idx = self._agreed_indices(p, select_indices(current, k, cfg.selector, cfg.filter_rank, cfg.svd, seed))
             new = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
             self.state[p] = _with_touched(new, self.state[p] if refresh else None, p)

@@ -382,8 +382,11 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
 
 
 def _save_hf(model, tokenizer, path: Path, checkpointing: bool) -> None:
+    from liftft.merge import atomic_directory
+
     if checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    with atomic_directory(path) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

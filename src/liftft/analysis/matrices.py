@@ -7,6 +7,7 @@ import warnings
 from statistics import fmean
 
 from liftft.config import LiftConfig
+from liftft.optim import selection_seed
 from liftft.selection import budget, select_indices
 
 
@@ -33,17 +34,9 @@ def select_as_training(targets: dict, ks: dict[str, int], selector: str, filter_
                        seed: int) -> dict:
     """Each target's sorted flat indices, from the same select_indices call LiftAdamW makes at its first selection."""
     return {
-        name: select_indices(weight, ks[name], selector, filter_rank, svd, training_seed(seed, ordinal))
+        name: select_indices(weight, ks[name], selector, filter_rank, svd, selection_seed(seed, ordinal))
         for ordinal, (name, weight) in enumerate(targets.items())
     }
-
-
-def training_seed(seed: int, ordinal: int) -> int:
-    """The seed LiftAdamW passes to select_indices for the ``ordinal``-th target at its first selection.
-
-    It must match ``LiftAdamW._select_all`` so that "random" picks the entries training would.
-    """
-    return seed + 7919 * ordinal
 
 
 def layer_type(name: str) -> str:

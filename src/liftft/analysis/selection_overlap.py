@@ -8,8 +8,9 @@ from itertools import combinations
 import torch
 from tqdm.auto import tqdm
 
-from liftft.analysis.matrices import group_means, layer_depth, layer_type, target_budgets, training_seed
+from liftft.analysis.matrices import group_means, layer_depth, layer_type, target_budgets
 from liftft.config import LiftConfig
+from liftft.optim import selection_seed
 from liftft.selection import select_indices
 from liftft.targets import find_targets
 
@@ -45,7 +46,7 @@ def overlap(
     comparisons += [f"filter rank {a} vs {b}" for a, b in pairs]
     rows = {}
     for ordinal, (name, weight) in enumerate(tqdm(targets.items(), desc="overlap", disable=not progress)):
-        seed_here = training_seed(seed, ordinal)
+        seed_here = selection_seed(seed, ordinal)
 
         def pick(selector, filter_rank=reference, svd="exact"):
             return select_indices(weight, ks[name], selector, filter_rank, svd, seed_here)
