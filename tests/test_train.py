@@ -214,3 +214,28 @@ def test_output_dir_holding_another_run(base_dir, data_file, tmp_path, capsys):
     assert "holds a different run (differs in: lr)" in capsys.readouterr().err
     assert _cli(*common) == 2
     assert "pass --resume" in capsys.readouterr().err
+
+
+def test_bf16_with_gradient_checkpointing_applies_exactly(base_dir, data_file, tmp_path):
+    out = tmp_path / "bf16"
+    model, _ = run_training(args_for(base_dir, data_file, out, bf16=True, gradient_checkpointing=True, max_steps=4))
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    untouched = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    base = apply_delta(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16), out)
+    for (name, a), b in zip(base.named_parameters(), model.parameters()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(model.model.layers[0].mlp.up_proj.weight, untouched.model.layers[0].mlp.up_proj.weight)
+
+
+@pytest.mark.parametrize("method", ["dora", "pissa"])
+def test_other_peft_methods_start_from_the_base_function(method, base_dir, data_file, tmp_path):
+    from liftft.hf import load_model
+    from liftft.methods import setup_method
+
+    base = load_model(str(base_dir))
+    reference = logits(base)
+    setup = setup_method(load_model(str(base_dir)), method, rank=2)
+    # DoRA and PiSSA initialise so that the adapted model computes exactly what the base did.
+    torch.testing.assert_close(logits(setup.model), reference, rtol=1e-4, atol=1e-4)
+    _, metrics = run_training(args_for(base_dir, data_file, tmp_path / method, method, max_steps=2, lr=1e-3))
+    assert metrics["trainable"] == setup.trainable and (tmp_path / method / "adapter" / "adapter_config.json").is_file()
