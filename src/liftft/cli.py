@@ -17,13 +17,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(f"liftft.commands.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"liftft.commands.{name}":
-                raise
-            continue
-        module.register(subparsers)
+        importlib.import_module(f"liftft.commands.{name}").register(subparsers)
     return parser
 
 
