@@ -65,3 +65,20 @@ def tokenizer():
 @pytest.fixture
 def model():
     return tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory, tokenizer):
+    """A tiny Llama and the test tokenizer saved with save_pretrained."""
+    path = tmp_path_factory.mktemp("base")
+    tiny_llama().save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def data_file(tmp_path_factory):
+    """12 records of the paper's math training set."""
+    path = tmp_path_factory.mktemp("data") / "math.json"
+    path.write_text(json.dumps(math_records(12)))
+    return path

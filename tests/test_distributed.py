@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
-from conftest import math_records, tiny_llama
+from conftest import tiny_llama
 from liftft import LiftAdamW, LiftConfig, load_delta, select_indices
 from liftft.cli import main
 from liftft.delta import fingerprint
@@ -338,21 +338,6 @@ def test_replaced_parameter_groups_are_refused_at_step():
 
 
 # ----- the CLI under torchrun -----
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("base")
-    tiny_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "math.json"
-    path.write_text(json.dumps(math_records(12)))
-    return path
 
 
 # No refresh within the run: a padded 2-example batch and two unpadded ones differ by float noise,

@@ -1,6 +1,5 @@
 """LiftAdamW inside transformers.Trainer and TRL's SFTTrainer equals a plain loop."""
 
-import copy
 
 import pytest
 import torch

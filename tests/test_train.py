@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import math_records, tiny_llama
+from conftest import math_records
 from liftft import apply_delta, load_delta
 from liftft.checkpoint import LATEST, latest_checkpoint, load_checkpoint
 from liftft.cli import main
@@ -17,21 +17,6 @@ from liftft.train import TrainArgs, TrainingDiverged, _Loop, run_training
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
 LR = {"lift": 2e-2, "full": 2e-3, "lora": 3e-2}
-
-
-@pytest.fixture(scope="module")
-def base_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("base")
-    tiny_llama().save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "math.json"
-    path.write_text(json.dumps(math_records(12)))
-    return path
 
 
 def args_for(base_dir, data_file, out, method="lift", **kw):

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path

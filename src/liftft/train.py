@@ -152,7 +152,7 @@ def _run_training(args: TrainArgs, device: torch.device):
         filter_rank=args.filter_rank, update_interval=args.update_interval, target_modules=args.target_modules,
         lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, svd=args.svd, seed=args.seed,
     )
-    model, optimizer = setup.model, setup.optimizer
+    model = setup.model
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} "
               f"({setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__})")
