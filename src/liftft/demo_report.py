@@ -35,11 +35,10 @@ def plot(results: dict, path: Path) -> None:
     learn_keep, bars = fig.subplots(1, 2, width_ratios=(1.15, 1))
     for method in methods:
         r = results["methods"][method]
-        learn_keep.scatter(r["target_acc"], r["source_acc"], s=90, zorder=3)
-        learn_keep.annotate(LABELS.get(method, method), (r["target_acc"], r["source_acc"]),
-                            textcoords="offset points", xytext=(7, 4))
-    learn_keep.scatter(base["target_acc"], base["source_acc"], s=90, marker="s", color="gray", zorder=3)
-    learn_keep.annotate("base", (base["target_acc"], base["source_acc"]), textcoords="offset points", xytext=(7, 4))
+        # A legend, not labels at the points: methods often land on top of each other.
+        learn_keep.scatter(r["target_acc"], r["source_acc"], s=90, zorder=3, alpha=0.8, label=LABELS.get(method, method))
+    learn_keep.scatter(base["target_acc"], base["source_acc"], s=90, marker="s", color="gray", zorder=3, label="base")
+    learn_keep.legend(fontsize=8, loc="center right")
     learn_keep.set(xlim=(-0.03, 1.03), ylim=(-0.03, 1.03), xlabel="target accuracy (learned)",
                    ylabel="source accuracy (retained)", title="Learning vs forgetting: up and right is better")
     learn_keep.grid(alpha=0.3)
