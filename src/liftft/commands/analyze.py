@@ -8,6 +8,7 @@ import math
 import os
 from pathlib import Path
 
+from liftft.commands import comma_list, target_modules_arg
 from liftft.config import SELECTORS, SVD_METHODS, TARGET_PRESETS, LiftConfig
 from liftft.template import TEMPLATES
 
@@ -51,7 +52,7 @@ def _register_perturb(analyses) -> None:
     p.add_argument("--delta", help="liftft delta directory (with liftft.json) or PEFT adapter directory to apply first")
     p.add_argument("--data", required=True, nargs="+", help="data file(s) of LLM-Adapters records (JSON / JSON Lines)")
     p.add_argument("--output", required=True, help="directory for perturb.json and perturb.png")
-    p.add_argument("--selectors", type=_names, default="principal,magnitude,random",
+    p.add_argument("--selectors", type=comma_list, default="principal,magnitude,random",
                    help=f"comma-separated selectors to compare, from: {', '.join(SELECTORS)} (default: %(default)s)")
     _add_budget_options(p)
     p.add_argument("--filter-rank", type=_positive_int, default=64, help="rank of the SVD approximation for principal selectors (default: 64)")
@@ -123,7 +124,7 @@ def _register_spectrum(analyses) -> None:
     p.add_argument("--base", required=True, help="base model: hub id or local directory")
     p.add_argument("--tuned", required=True, nargs="+",
                    help="one or more fine-tunes of --base: merged model, liftft delta directory or PEFT adapter directory")
-    p.add_argument("--labels", type=_names, help="comma-separated labels for the --tuned runs (default: their directory names)")
+    p.add_argument("--labels", type=comma_list, help="comma-separated labels for the --tuned runs (default: their directory names)")
     p.add_argument("--output", required=True, help="directory for spectrum.json and the plots")
     p.add_argument("--top", type=_positive_int, default=64, help="dimension of the singular subspaces compared (default: 64)")
     _add_model_options(p, device_help="device for the SVDs; models stay on the CPU")
@@ -214,7 +215,7 @@ def _add_budget_options(p) -> None:
 
 
 def _add_model_options(p, device_help: str = "device to run on") -> None:
-    p.add_argument("--target-modules", type=_target_modules, default="all-linear",
+    p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help=f"{', '.join(TARGET_PRESETS)}, a comma-separated list of module-name suffixes, or a regex "
                    "(as for `liftft train`; default: all-linear)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model(s) in (default: float32)")
@@ -295,16 +296,9 @@ def _fmt(value) -> str:
 # --------------------------------------------------------- argument types
 
 
-def _names(text: str) -> list[str]:
-    names = [part.strip() for part in text.split(",") if part.strip()]
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
 def _numbers(text: str) -> list[float]:
     values = []
-    for part in _names(text):
+    for part in comma_list(text):
         try:
             value = float(part)
         except ValueError:
@@ -334,7 +328,7 @@ def _int_at_least(text: str, minimum: int) -> int:
 
 
 def _positive_ints(text: str) -> list[int]:
-    return [_positive_int(part) for part in _names(text)]
+    return [_positive_int(part) for part in comma_list(text)]
 
 
 def _density(text: str) -> float:
@@ -345,8 +339,3 @@ def _density(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
     return value
-
-
-def _target_modules(text: str) -> str | list[str]:
-    # Read as `liftft train` reads it: a comma makes a list of suffixes; otherwise a preset or a regex.
-    return _names(text) if "," in text else text

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 
+from liftft.commands import comma_list
+
 PRESETS = "tiny, llama-1b, llama-3b"
 ALL_METHODS = "floor, full, lora, lift, lift-sampled"
 
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--model-config", required=True,
                    help=f"model shape: a preset ({PRESETS}) or PATH to a config.json file or a directory holding one")
-    p.add_argument("--methods", type=_names, default="floor,full,lora,lift",
+    p.add_argument("--methods", type=comma_list, default="floor,full,lora,lift",
                    help=f"comma-separated methods, from: {ALL_METHODS} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
@@ -62,7 +64,3 @@ def run(args) -> int:
 
 def _print_progress(method: str, result: dict) -> None:
     print(f"{method}: {1e3 * result['step_time_s']:.1f} ms per step", flush=True)
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from liftft.commands import target_modules_arg
 from liftft.methods import METHODS
 
 
@@ -29,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--update-interval", type=int, default=400,
                    help="optimizer steps between selection refreshes; 0 never refreshes")
     p.add_argument("--svd", default="randomized", choices=("randomized", "exact"), help="SVD used for selection")
-    p.add_argument("--target-modules", default="all-linear",
+    p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="all-linear, mlp, attn, a comma-separated list of module-name suffixes, or a regex")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 3)")
@@ -65,14 +66,11 @@ def train_args_from(args):
         raise ValueError("--rank and --density contradict each other: give one")
     if args.epochs is not None and args.max_steps is not None:
         raise ValueError("--epochs and --max-steps contradict each other: give one")
-    target = args.target_modules
-    if "," in target:
-        target = [t.strip() for t in target.split(",") if t.strip()]
     return TrainArgs(
         model=args.model, data=args.data, output=args.output, method=args.method,
         rank=args.rank if args.rank is not None or args.density is not None else 128, density=args.density,
         filter_rank=args.filter_rank, update_interval=args.update_interval or None, svd=args.svd,
-        target_modules=target, lr=args.lr,
+        target_modules=args.target_modules, lr=args.lr,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 3, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
         warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
