@@ -204,11 +204,11 @@ def build_model(config, dtype: torch.dtype, device: torch.device, seed: int = 0)
     """A causal LM with random weights from ``config``, created directly in ``dtype`` on ``device``."""
     from transformers import AutoModelForCausalLM
 
-    from liftft.hf import _DTYPE_KW
+    from liftft.hf import DTYPE_KEYWORD
 
     torch.manual_seed(seed)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, **{_DTYPE_KW: dtype})
+        model = AutoModelForCausalLM.from_config(config, **{DTYPE_KEYWORD: dtype})
     model.config.use_cache = False
     return model
 

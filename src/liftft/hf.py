@@ -10,7 +10,7 @@ from packaging.version import Version
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 # transformers 4.56 renamed `torch_dtype` to `dtype`.
-_DTYPE_KW = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+DTYPE_KEYWORD = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def check_model_path(path_or_id: str) -> None:
@@ -24,7 +24,7 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, device: str 
     """AutoModelForCausalLM from a hub id or local directory, in ``dtype`` on ``device``."""
     check_model_path(path_or_id)
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path_or_id), **{_DTYPE_KW: dtype})
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path_or_id), **{DTYPE_KEYWORD: dtype})
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {path_or_id!r}: {err}") from err
     return model.to(device)
