@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+
+from liftft.atomic import atomic_directory
 
 MERGE_FILE = "liftft_merge.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -91,27 +90,3 @@ def check_output_dir(output, marker: str, kind: str) -> Path:
             "choose another output or remove it"
         )
     return output
-
-
-@contextmanager
-def atomic_directory(output: Path):
-    """Yield a fresh directory beside ``output``; on success it replaces ``output``, on error it is removed.
-
-    A failure or kill while writing leaves any previous ``output`` untouched.
-    """
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.parent / f".{output.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if output.exists():
-        # A directory can't be renamed over a non-empty one: move the old one aside first.
-        old = output.parent / f".{output.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(output, old)
-        os.replace(tmp, output)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, output)

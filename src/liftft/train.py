@@ -382,7 +382,7 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
 
 
 def _save_hf(model, tokenizer, path: Path, checkpointing: bool) -> None:
-    from liftft.merge import atomic_directory
+    from liftft.atomic import atomic_directory
 
     if checkpointing:
         model.gradient_checkpointing_disable()
