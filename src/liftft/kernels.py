@@ -8,7 +8,10 @@ The pure-torch :func:`liftft.optim.adamw_update` stays the CPU path and the
 reference this kernel is tested against (tests/test_kernels.py).
 
 Triton is imported here only; liftft.optim imports this module lazily, for
-CUDA parameters, so CPU-only installs never need it.
+CUDA parameters, so CPU-only installs never need it. With ``TRITON_INTERPRET=1``
+set before this module is imported, Triton's interpreter runs the same kernel
+on CPU tensors: that is how the kernel is tested on machines without a GPU.
+LiftAdamW still dispatches to it on CUDA only.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ try:
 except ImportError:  # CPU-only installs: liftft.optim keeps its torch path
     triton = None
 
+# Whether @triton.jit below builds interpreted kernels; Triton decides at decoration, so it is read once here.
+INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on", "y")
+
 # Set LIFTFT_NO_TRITON=1 to run the torch path on CUDA too (to compare, or to rule the kernel out).
 DISABLE_ENV = "LIFTFT_NO_TRITON"
 BLOCK_SIZE = 1024
@@ -36,6 +42,12 @@ def fused_available(device: torch.device | str) -> bool:
         and torch.device(device).type == "cuda"
         and os.environ.get(DISABLE_ENV, "") in ("", "0")
     )
+
+
+def kernels_run_on(device: torch.device | str) -> bool:
+    """True when this module's kernels can run on tensors on ``device``: CUDA with Triton, or the CPU under its interpreter."""
+    kind = torch.device(device).type
+    return triton is not None and (kind == "cuda" or (kind == "cpu" and INTERPRETED))
 
 
 def sparse_adamw_step(
@@ -62,10 +74,11 @@ def sparse_adamw_step(
     ``exp_avg_sq`` are contiguous fp32 of length k; ``grad`` is first multiplied
     by the 0-d tensor ``clip`` when given, read on the device. ``step`` is the
     step number after this update's increment, a host int, so nothing syncs.
+    On the CPU it runs only under Triton's interpreter (see the module docstring).
     """
-    if not fused_available(weight.device):
-        raise RuntimeError(f"the fused sparse AdamW kernel needs CUDA and Triton (weight is on {weight.device}, "
-                           f"triton {'missing' if triton is None else 'present'}, {DISABLE_ENV}={os.environ.get(DISABLE_ENV)!r})")
+    if not kernels_run_on(weight.device):
+        raise RuntimeError(f"the fused sparse AdamW kernel needs CUDA and Triton, or TRITON_INTERPRET=1 on the CPU "
+                           f"(weight is on {weight.device}, triton {'missing' if triton is None else 'present'})")
     k = indices.numel()
     for name, t in (("grad", grad), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq), ("master", master)):
         if t is not None and (t.dtype != torch.float32 or t.numel() != k or not t.is_contiguous()):
@@ -85,6 +98,7 @@ def sparse_adamw_step(
         HAS_CLIP=clip is not None,
         LERP_FROM_START=abs(1 - beta1) < 0.5,
         BLOCK=BLOCK_SIZE,
+        enable_fp_fusion=False,
     )
 
 
@@ -113,17 +127,20 @@ if triton is not None:
             p = tl.load(master_ptr + offsets, mask=mask, other=0.0)
         else:
             p = tl.load(weight_ptr + idx, mask=mask, other=0.0).to(tl.float32)
-        # Each line is one op of adamw_update, in its order: param.mul_, exp_avg.lerp_ (torch's two-branch
-        # formula), exp_avg_sq.mul_ then addcmul_, the denominator, then addcdiv_.
+        # Each line is one op of adamw_update as torch's CUDA kernels compute it: param.mul_; exp_avg.lerp_ (torch's
+        # two-branch formula); exp_avg_sq.mul_ then addcmul_ (a + value·b·c); the denominator (division by a scalar is
+        # a multiplication by its reciprocal); addcdiv_ (a + value·(b/c)). nvcc contracts a + x·y within one kernel
+        # into an FMA, so those are explicit tl.fma, and the launch turns off Triton's own contraction elsewhere.
         p = p * decay
         if LERP_FROM_START:
-            m = m + one_minus_beta1 * (g - m)
+            m = tl.fma(one_minus_beta1, g - m, m)
         else:
-            m = g - (g - m) * (1.0 - one_minus_beta1)
+            m = tl.fma(-(g - m), 1.0 - one_minus_beta1, g)
         v = v * beta2
-        v = v + one_minus_beta2 * g * g
-        denom = tl.sqrt_rn(v) * inverse_bias_correction2_sqrt + eps
-        p = p + neg_step_size * tl.div_rn(m, denom)
+        v = tl.fma(one_minus_beta2 * g, g, v)
+        denom = tl.sqrt_rn(v) * inverse_bias_correction2_sqrt
+        denom = denom + eps
+        p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)
         tl.store(exp_avg_ptr + offsets, m, mask=mask)
         tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
         if HAS_MASTER:
