@@ -165,6 +165,34 @@ def test_refresh_happens_every_interval_of_optimizer_steps():
     assert refreshes == [0, 0, 1, 1, 1, 2, 2]
 
 
+@pytest.mark.parametrize("svd", ["exact", "randomized"])
+def test_selection_batches_same_shaped_targets_and_equals_selecting_one_by_one(svd, monkeypatch):
+    from liftft import selection
+    from liftft.optim import selection_seed
+
+    stacks = []
+    low_rank = selection.low_rank_approximation
+    monkeypatch.setattr(selection, "low_rank_approximation", lambda w, *a: stacks.append(tuple(w.shape)) or low_rank(w, *a))
+    model = tiny_llama()
+    cfg = LiftConfig(rank=2, filter_rank=4, svd=svd, update_interval=1, seed=5)
+    opt = LiftAdamW(model, cfg, lr=5e-2)
+    targets = dict(model.named_parameters())
+
+    def assert_one_by_one(refreshes):
+        for ordinal, name in enumerate(opt.target_names):
+            weight = targets[name].detach()
+            k = selection.budget(tuple(weight.shape), rank=2)
+            want = selection.select_indices(weight, k, "principal", 4, svd, selection_seed(5, ordinal, refreshes))
+            assert torch.equal(opt.indices(name), want), name
+
+    # 14 targets in 4 shapes: q/o 32x32, k/v 16x32, gate/up 64x32, down 32x64, each shape one stacked SVD.
+    assert sorted(stacks) == [(2, 32, 64), (4, 16, 32), (4, 32, 32), (4, 64, 32)]
+    assert_one_by_one(refreshes=0)
+    loss_of(model).backward()
+    opt.step()  # refreshes from the updated weights
+    assert_one_by_one(refreshes=1)
+
+
 def test_refresh_selects_from_master_values():
     torch.manual_seed(0)
     model = Square(torch.randn(3, 3)).to(torch.bfloat16)

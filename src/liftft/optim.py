@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 from liftft import distributed
 from liftft.config import LiftConfig
 from liftft.sampled import sample_weight_gradients, sampled_weight_grad
-from liftft.selection import budget, select_indices
+from liftft.selection import budget, iter_select_many
 from liftft.targets import find_targets
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -325,13 +325,24 @@ class LiftAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _select_all(self, refresh: bool) -> None:
+        """Select every target, same-shaped ones batched, turning each group's result into state before the next."""
         cfg = self.cfg
         refreshes = self._lift_group["refreshes"] + int(refresh)
-        for ordinal, (name, p) in enumerate(self._params.items()):
-            current = self._whole_matrix(p, self._current_fp32(p) if refresh else p.detach())
-            k = budget(tuple(current.shape), rank=cfg.rank, density=cfg.density)
-            seed = selection_seed(cfg.seed, ordinal, refreshes)
-            idx = self._agreed_indices(p, select_indices(current, k, cfg.selector, cfg.filter_rank, cfg.svd, seed))
+        params = list(self._params.values())
+        # Under FSDP2 a target is selected from its whole matrix: group, budget and gather by the full shape.
+        whole = [self._sharded.get(p, p) for p in params]
+        param_of = {id(w): p for w, p in zip(whole, params)}
+
+        def current(w):
+            p = param_of[id(w)]
+            return self._whole_matrix(p, self._current_fp32(p) if refresh else p.detach())
+
+        ks = [budget(tuple(w.shape), rank=cfg.rank, density=cfg.density) for w in whole]
+        seeds = [selection_seed(cfg.seed, ordinal, refreshes) for ordinal in range(len(params))]
+        selections = iter_select_many(whole, ks, cfg.selector, cfg.filter_rank, cfg.svd, seeds, prepare=current)
+        for i, idx in selections:
+            p = params[i]
+            idx = self._agreed_indices(p, idx)
             new = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
             self.state[p] = _with_touched(new, self.state[p] if refresh else None, p)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -16,8 +16,9 @@ MIN_OVERSAMPLE = 16
 POWER_ITERATIONS = 4
 # select_many stacks same-shaped matrices for one batched SVD. A group holds at
 # most this many entries (at least one matrix), so selection's workspace, a few
-# fp32 copies of one group, stays bounded however many matrices share a shape.
-MAX_GROUP_NUMEL = 2**26
+# fp32 copies of one group, stays bounded however many matrices share a shape:
+# 2**24 is one 8192x2048 MLP matrix of Llama-3.2-1B, what selecting it alone needs.
+MAX_GROUP_NUMEL = 2**24
 
 
 def budget(shape, rank: int | None = None, density: float | None = None) -> int:
@@ -97,25 +98,53 @@ def select_many(
     ``seeds`` take one value for all or one per matrix.
     """
     weights = list(weights)
+    chosen: list[torch.Tensor | None] = [None] * len(weights)
+    for i, idx in iter_select_many(weights, ks, selector, filter_rank, svd, seeds, prepare, max_group_numel):
+        chosen[i] = idx
+    return chosen
+
+
+def iter_select_many(
+    weights: Sequence[torch.Tensor],
+    ks: int | Sequence[int],
+    selector: str = "principal",
+    filter_rank: int = 64,
+    svd: str = "exact",
+    seeds: int | Sequence[int] = 0,
+    prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    max_group_numel: int = MAX_GROUP_NUMEL,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """:func:`select_many` one group at a time: yields (position in ``weights``, sorted indices) as each group is done.
+
+    Every argument is checked before anything is selected. A caller that turns
+    each result into state before asking for the next group never holds more
+    than one group's new indices besides what it keeps.
+    """
+    weights = list(weights)
     ks = _per_matrix("ks", ks, len(weights))
     seeds = _per_matrix("seeds", seeds, len(weights))
     for weight, k in zip(weights, ks):
         _check_selection(weight, k, selector)
     if isinstance(max_group_numel, bool) or not isinstance(max_group_numel, int) or max_group_numel < 1:
         raise ValueError(f"max_group_numel must be an integer >= 1, got {max_group_numel!r}")
-    prepare = prepare or (lambda w: w)
+    return _selections(weights, ks, selector, filter_rank, svd, seeds, prepare or (lambda w: w), max_group_numel)
+
+
+def _selections(weights, ks, selector, filter_rank, svd, seeds, prepare, max_group_numel):
     if selector not in ("principal", "principal-smallest"):
-        return [select_indices(prepare(w), k, selector, filter_rank, svd, s) for w, k, s in zip(weights, ks, seeds)]
-    chosen: list[torch.Tensor | None] = [None] * len(weights)
-    with torch.no_grad():
-        for group in _shape_groups(weights, max_group_numel):
+        for i, (w, k, s) in enumerate(zip(weights, ks, seeds)):
+            yield i, select_indices(prepare(w), k, selector, filter_rank, svd, s)
+        return
+    for group in _shape_groups(weights, max_group_numel):
+        with torch.no_grad():
             stacked = torch.stack([prepare(weights[i]).detach().float() for i in group])
             scores = low_rank_approximation(stacked, filter_rank, svd, [seeds[i] for i in group]).abs_()
             del stacked
-            for row, i in enumerate(group):
-                idx = top_k_indices(scores[row].flatten(), ks[i], largest=selector == "principal")
-                chosen[i] = idx.to(index_dtype(weights[i].numel()))
-    return chosen
+            picked = [top_k_indices(scores[row].flatten(), ks[i], largest=selector == "principal")
+                      for row, i in enumerate(group)]
+            del scores
+        for i, idx in zip(group, picked):
+            yield i, idx.to(index_dtype(weights[i].numel()))
 
 
 def low_rank_approximation(
