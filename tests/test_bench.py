@@ -51,6 +51,19 @@ def test_bench_tiny_runs_and_writes_every_key(tmp_path, capsys):
     assert "tokens/s" in printed and "lift/lora" in printed
 
 
+def test_bench_runs_the_lift_variants(tmp_path):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--model-config", "tiny", "--batch-size", "1", "--seq-len", "8", "--steps", "1",
+                 "--warmup", "1", "--rank", "2", "--filter-rank", "4", "--device", "cpu", "--output", str(out),
+                 "--methods", "lift-sampled,lift-in-backward"])
+    assert code == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert list(methods) == ["lift-sampled", "lift-in-backward"]
+    for name, figures in methods.items():
+        assert figures["trainable"] == tiny_lora_parity(2), name
+        assert figures["state_bytes_per_entry"] == 12, name
+
+
 @pytest.mark.parametrize(
     "flags,match",
     [

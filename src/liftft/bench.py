@@ -39,10 +39,10 @@ MODEL_CONFIGS = {
                      num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
                      tie_word_embeddings=True, rope_theta=500000.0),
 }
-METHODS = ("floor", "full", "lora", "lift", "lift-sampled")
+METHODS = ("floor", "full", "lora", "lift", "lift-sampled", "lift-in-backward")
 DEFAULT_METHODS = ("floor", "full", "lora", "lift")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-LIFT_METHODS = ("lift", "lift-sampled")
+LIFT_METHODS = ("lift", "lift-sampled", "lift-in-backward")
 # Timing does not depend on the learning rate; any fixed value will do.
 LEARNING_RATE = 1e-4
 
@@ -317,7 +317,7 @@ def _set_up(method: str, model, s: BenchSettings):
     if method in LIFT_METHODS:
         cfg = LiftConfig(rank=s.rank, filter_rank=s.filter_rank, update_interval=None, svd="randomized",
                          sampled_grad=method == "lift-sampled", seed=s.seed)
-        optimizer = LiftAdamW(model, cfg, lr=LEARNING_RATE)
+        optimizer = LiftAdamW(model, cfg, lr=LEARNING_RATE, step_in_backward=method == "lift-in-backward")
         return model, optimizer, optimizer.num_selected
     setup = setup_method(model, method, rank=s.rank, lr=LEARNING_RATE, seed=s.seed)
     return setup.model, setup.optimizer, setup.trainable

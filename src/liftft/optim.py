@@ -53,6 +53,15 @@ class LiftAdamW(torch.optim.Optimizer):
     ``max_grad_norm`` clips the global norm over the gathered sparse gradients
     and the dense params' gradients; a trainer's own clipping sees no target
     gradients, so let this optimizer clip.
+
+    ``step_in_backward=True`` applies each target's update inside its gradient
+    hook, as soon as backward has produced its gradient, so no gathered gradient
+    is kept between backward and ``step()`` (4 bytes per selected entry less at
+    the peak); ``step()`` then updates the dense params and refreshes. The
+    result is the same, bit for bit, but one backward pass must be followed by
+    one ``step()``: it cannot accumulate gradients (a second backward before
+    ``step()`` raises), clip (``max_grad_norm``), or run in several processes,
+    and ``zero_grad()`` cannot take back an update already applied.
     """
 
     def __init__(
@@ -65,10 +74,12 @@ class LiftAdamW(torch.optim.Optimizer):
         weight_decay: float = 0.0,
         max_grad_norm: float | None = None,
         dense_params: Iterable[nn.Parameter] | None = None,
+        step_in_backward: bool = False,
     ):
         if not isinstance(cfg, LiftConfig):
             raise TypeError(f"cfg must be a LiftConfig, got {type(cfg).__name__}")
         _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm)
+        _check_step_in_backward(step_in_backward, max_grad_norm)
         _check_not_wrapped(model)
         targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
         dense = _named_dense(model, dense_params, targets)
@@ -92,6 +103,9 @@ class LiftAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.cfg = cfg
         self.max_grad_norm = max_grad_norm
+        self.step_in_backward = step_in_backward
+        # Targets already updated by a hook since the last step() (step_in_backward only).
+        self._stepped_in_backward: set[torch.Tensor] = set()
         self._params = trained
         self._sharded = {shards[name]: targets[name] for name in shards}
         self._grad_buffers: dict[nn.Parameter, torch.Tensor] = {}
@@ -165,11 +179,12 @@ class LiftAdamW(torch.optim.Optimizer):
         clip = self._clip_coefficient()
         for group in self.param_groups:
             for p in group["params"]:
-                if group["kind"] == "lift":
-                    self._step_target(p, group, clip)
-                else:
+                if group["kind"] == "dense":
                     self._step_dense(p, group, clip)
+                elif not self.step_in_backward:
+                    self._step_target(p, group, self._grad_buffers.get(p), clip)
         self._grad_buffers.clear()
+        self._stepped_in_backward.clear()
         lift = self._lift_group
         lift["steps"] += 1
         interval = self.cfg.update_interval
@@ -210,27 +225,36 @@ class LiftAdamW(torch.optim.Optimizer):
         p.grad = None
 
     def _add_selected(self, key: torch.Tensor, grad: torch.Tensor) -> None:
-        idx = self.state[key]["indices"]
-        picked = grad.view(-1).index_select(0, idx).float()
-        buffer = self._grad_buffers.get(key)
-        if buffer is None:
-            self._grad_buffers[key] = picked
-        else:
-            buffer.add_(picked)
+        self._receive(key, grad.view(-1).index_select(0, self.state[key]["indices"]).float())
+
+    def _receive(self, key: torch.Tensor, picked: torch.Tensor) -> None:
+        """Take a target's fp32 gradient at its selected entries: add it to its buffer, or apply it now (step_in_backward)."""
+        if not self.step_in_backward:
+            buffer = self._grad_buffers.get(key)
+            self._grad_buffers[key] = picked if buffer is None else buffer.add_(picked)
+            return
+        if key in self._stepped_in_backward:
+            raise RuntimeError("a second backward pass before step(): LiftAdamW(step_in_backward=True) has already "
+                               "applied this step's update and cannot accumulate gradients; call step() after every "
+                               "backward, or build it with step_in_backward=False")
+        self._stepped_in_backward.add(key)
+        with torch.no_grad():
+            self._step_target(key, self._lift_group, picked, None)
 
     def _gather_sampled_grad(self, p: nn.Parameter, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
         """Sink of liftft.sampled (cfg.sampled_grad): add p's weight gradient, computed at the selected entries only."""
         if self._reduced_by_ddp:
             raise RuntimeError("sampled_grad does not work under DistributedDataParallel, which averages dense "
                                "gradients only; use LiftConfig(sampled_grad=False)")
-        picked = sampled_weight_grad(grad_output, inputs, self.state[p]["indices"], tuple(p.shape))
-        buffer = self._grad_buffers.get(p)
-        self._grad_buffers[p] = picked if buffer is None else buffer.add_(picked)
+        self._receive(p, sampled_weight_grad(grad_output, inputs, self.state[p]["indices"], tuple(p.shape)))
 
     def _note_ddp_forward(self, module, args) -> None:
         """Forward pre-hook: notice when the model runs inside DistributedDataParallel."""
         if self._reduced_by_ddp or DistributedDataParallel._get_active_ddp_module() is None:
             return
+        if self.step_in_backward:
+            raise RuntimeError("LiftAdamW(step_in_backward=True) runs in one process only; under "
+                               "DistributedDataParallel the ranks must average gradients before any update")
         if self._grad_buffers:
             raise RuntimeError("the model was wrapped in DistributedDataParallel in the middle of an optimizer step")
         self._reduced_by_ddp = True
@@ -278,8 +302,7 @@ class LiftAdamW(torch.optim.Optimizer):
         # Same rule as torch.nn.utils.clip_grad_norm_, kept on device: no host sync.
         return (self.max_grad_norm / (total + 1e-6)).clamp(max=1.0)
 
-    def _step_target(self, p, group, clip) -> None:
-        grad = self._grad_buffers.get(p)
+    def _step_target(self, p, group, grad, clip) -> None:
         if grad is None:
             return
         state = self.state[p]
@@ -427,6 +450,19 @@ def _merge_sorted(a, a_values, b, b_values):
     merged[a_at], values[a_at] = a, a_values
     merged[b_at], values[b_at] = b, b_values
     return merged, values
+
+
+def _check_step_in_backward(step_in_backward, max_grad_norm) -> None:
+    if not isinstance(step_in_backward, bool):
+        raise TypeError(f"step_in_backward must be True or False, got {step_in_backward!r}")
+    if not step_in_backward:
+        return
+    if max_grad_norm is not None:
+        raise ValueError(f"step_in_backward=True updates each target before the global gradient norm is known, so it "
+                         f"cannot clip (max_grad_norm={max_grad_norm!r}); set max_grad_norm=None or step_in_backward=False")
+    if distributed.world_size() > 1:
+        raise ValueError(f"step_in_backward=True runs in one process only (world size {distributed.world_size()}): "
+                         "the ranks must average gradients before any update")
 
 
 def _check_hyperparameters(lr, betas, eps, weight_decay, max_grad_norm) -> None:

@@ -8,7 +8,7 @@ import os
 from liftft.commands import comma_list
 
 PRESETS = "tiny, llama-1b, llama-3b"
-ALL_METHODS = "floor, full, lora, lift, lift-sampled"
+ALL_METHODS = "floor, full, lora, lift, lift-sampled, lift-in-backward"
 
 
 def register(subparsers) -> None:
