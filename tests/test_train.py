@@ -152,12 +152,28 @@ def _cli(*argv):
     return main(["train", *map(str, argv)])
 
 
+def test_step_in_backward_writes_the_same_delta(base_dir, data_file, tmp_path):
+    runs = {}
+    for mode in (False, True):
+        out = tmp_path / str(mode)
+        run_training(args_for(base_dir, data_file, out, grad_accum=1, max_grad_norm=None, step_in_backward=mode))
+        runs[mode] = load_delta(out)
+    assert runs[True].entries.keys() == runs[False].entries.keys() and runs[True].num_entries > 0
+    for name, (indices, values) in runs[True].entries.items():
+        want_indices, want_values = runs[False].entries[name]
+        assert torch.equal(indices, want_indices) and torch.equal(values, want_values), name
+    assert runs[True].meta["training_args"]["step_in_backward"] and not runs[False].meta["training_args"]["step_in_backward"]
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
         (["--epochs", "1", "--max-steps", "2"], "--epochs and --max-steps contradict"),
         (["--rank", "2", "--density", "0.1"], "--rank and --density contradict"),
         (["--target-modules", "nope_proj"], "matched no module; linear modules in this model: model.layers.0.self_attn.q_proj"),
+        (["--step-in-backward", "--max-grad-norm", "0"], "needs --grad-accum 1 (got 16)"),
+        (["--step-in-backward", "--grad-accum", "1"], "cannot clip: pass --max-grad-norm 0 (got 1.0)"),
+        (["--step-in-backward", "--method", "lora"], "for the sparse methods (lift, magnitude"),
     ],
 )
 def test_bad_flags(extra, message, base_dir, data_file, tmp_path, capsys):
@@ -195,8 +211,14 @@ def test_output_dir_holding_another_run(base_dir, data_file, tmp_path, capsys):
     common = ["--model", base_dir, "--data", data_file, "--output", out, "--max-steps", "1", "--rank", "1",
               "--filter-rank", "2", "--no-progress"]
     assert _cli(*common) == 0
+    # A run recorded before a setting existed counts as having run with its default.
+    record = json.loads((out / "run.json").read_text())
+    del record["args"]["step_in_backward"]
+    (out / "run.json").write_text(json.dumps(record))
     assert _cli(*common, "--lr", "0.5") == 2
     assert "holds a different run (differs in: lr)" in capsys.readouterr().err
+    assert _cli(*common, "--lr", "0.5", "--step-in-backward", "--grad-accum", "1", "--max-grad-norm", "0") == 2
+    assert "differs in: grad_accum, lr, max_grad_norm, step_in_backward)" in capsys.readouterr().err
     assert _cli(*common) == 2
     assert "pass --resume" in capsys.readouterr().err
 

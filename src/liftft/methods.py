@@ -42,6 +42,7 @@ def setup_method(
     betas: tuple[float, float] = (0.9, 0.95),
     svd: str = "randomized",
     seed: int = 0,
+    step_in_backward: bool = False,
 ) -> MethodSetup:
     """Prepare ``model`` for ``method`` and build its optimizer.
 
@@ -51,15 +52,19 @@ def setup_method(
     r = ``rank``, alpha = 2r, on the same target modules, so a sparse method and
     a LoRA of the same rank train the same number of values. The sparse
     optimizer clips its own gradients with ``max_grad_norm``; for the others the
-    training loop clips.
+    training loop clips. ``step_in_backward`` is passed to :class:`LiftAdamW`
+    (sparse methods only).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
     if method in SPARSE_SELECTORS:
         cfg = LiftConfig(rank=rank, density=density, filter_rank=filter_rank, update_interval=update_interval,
                          selector=SPARSE_SELECTORS[method], svd=svd, target_modules=target_modules, seed=seed)
-        opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=max_grad_norm)
+        opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+                        step_in_backward=step_in_backward)
         return MethodSetup(model, opt, opt.num_selected, "sparse")
+    if step_in_backward:
+        raise ValueError(f"step_in_backward is for the sparse methods ({', '.join(SPARSE_SELECTORS)}), not {method}")
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

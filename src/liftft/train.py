@@ -8,7 +8,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,7 +21,7 @@ from liftft.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoin
 from liftft.data import IGNORE_INDEX, DataCollator, encode_dataset, load_records, split_validation
 from liftft.delta import apply_delta, delta_from_optimizer, save_delta, write_delta
 from liftft.hf import load_model, load_tokenizer
-from liftft.methods import METHODS, setup_method
+from liftft.methods import METHODS, SPARSE_SELECTORS, setup_method
 
 logger = logging.getLogger("liftft")
 
@@ -60,6 +60,7 @@ class TrainArgs:
     scheduler: str = "linear"
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    step_in_backward: bool = False
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     val_size: int = 0
@@ -96,6 +97,18 @@ class TrainArgs:
             raise ValueError(f"unknown --scheduler {self.scheduler!r}; allowed: linear, cosine, constant")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
+        if self.step_in_backward:
+            self._check_step_in_backward()
+
+    def _check_step_in_backward(self) -> None:
+        if self.method not in SPARSE_SELECTORS:
+            raise ValueError(f"--step-in-backward is for the sparse methods ({', '.join(SPARSE_SELECTORS)}), "
+                             f"not --method {self.method}")
+        if self.grad_accum != 1:
+            raise ValueError(f"--step-in-backward updates during each backward pass, so it needs --grad-accum 1 "
+                             f"(got {self.grad_accum}); raise --batch-size instead")
+        if self.max_grad_norm:
+            raise ValueError(f"--step-in-backward cannot clip: pass --max-grad-norm 0 (got {self.max_grad_norm})")
 
     def run_record(self) -> dict:
         """The settings that define the run (what a resumption must match)."""
@@ -151,6 +164,7 @@ def _run_training(args: TrainArgs, device: torch.device):
         model, args.method, rank=args.rank if args.density is None else None, density=args.density,
         filter_rank=args.filter_rank, update_interval=args.update_interval, target_modules=args.target_modules,
         lr=args.lr, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, svd=args.svd, seed=args.seed,
+        step_in_backward=args.step_in_backward,
     )
     model = setup.model
     if main:
@@ -190,9 +204,12 @@ def _check_output_dir(out: Path, args: TrainArgs) -> None:
     if not record.is_file():
         return
     run = json.loads(record.read_text())
-    previous = run.get("args", {})
-    differing = sorted(k for k in set(previous) | set(args.run_record())
-                       if json.dumps(previous.get(k), default=str) != json.dumps(args.run_record().get(k), default=str))
+    current = args.run_record()
+    # A setting that an older liftft did not record had its default value then.
+    defaults = {f.name: f.default for f in fields(TrainArgs) if f.name in current and f.default is not MISSING}
+    previous = {**defaults, **run.get("args", {})}
+    differing = sorted(k for k in set(previous) | set(current)
+                       if json.dumps(previous.get(k), default=str) != json.dumps(current.get(k), default=str))
     if differing:
         raise ValueError(f"output dir {out} holds a different run (differs in: {', '.join(differing)}); "
                          "choose another --output")
