@@ -1,4 +1,4 @@
-"""The fused Triton sparse AdamW kernel against the pure-torch path (liftft.optim.adamw_update).
+"""The Triton kernels (fused sparse AdamW step, gather) against the pure-torch paths of liftft.optim.
 
 The kernel runs on CUDA, or without a GPU in Triton's interpreter on CPU tensors
 (conftest sets TRITON_INTERPRET=1 there); without Triton these tests skip cleanly.
@@ -11,11 +11,13 @@ import torch
 
 from conftest import tiny_llama
 from liftft import LiftAdamW, LiftConfig, kernels
+from liftft.layout import compress
 from liftft.optim import adamw_update
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not kernels.kernels_run_on(DEVICE), reason="needs Triton (on CUDA, or interpreted)")
-NUMEL, K = 3000, 1234  # neither a multiple of the kernel's block size
+SHAPE, K = (60, 50), 1234  # K is not a multiple of the kernel's block size
+NUMEL = SHAPE[0] * SHAPE[1]
 
 
 def torch_step(flat, idx, grad, exp_avg, exp_avg_sq, master, step, hyperparameters, clip):
@@ -33,11 +35,28 @@ def test_cpu_never_dispatches_to_the_kernel(monkeypatch):
     assert not kernels.fused_available("cuda")
 
 
-def test_the_kernel_refuses_a_device_it_cannot_run_on(monkeypatch):
+def test_the_kernels_refuse_a_device_they_cannot_run_on(monkeypatch):
     monkeypatch.setattr(kernels, "INTERPRETED", False)
-    with pytest.raises(RuntimeError, match="needs CUDA and Triton, or TRITON_INTERPRET=1 on the CPU"):
-        kernels.sparse_adamw_step(torch.zeros(4), torch.arange(2), *(torch.zeros(2) for _ in range(3)), None,
+    row_offsets, columns = compress(torch.tensor([0, 3]), (2, 2))
+    with pytest.raises(RuntimeError, match="need CUDA and Triton, or TRITON_INTERPRET=1 on the CPU"):
+        kernels.sparse_adamw_step(torch.zeros(4), row_offsets, columns, 2, *(torch.zeros(2) for _ in range(3)), None,
                                   1, 1e-3, 0.9, 0.95, 1e-8, 0.0)
+    with pytest.raises(RuntimeError, match="need CUDA and Triton"):
+        kernels.gather_selected(torch.zeros(4), row_offsets, columns, 2)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape,k", [(SHAPE, K), ((3, 40_000), 5000), ((2000, 3), 1500), ((1, 7), 7), ((5, 5), 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gather_equals_index_select(shape, k, dtype):
+    """Wide rows (int32 columns), many empty rows, one row, a single entry."""
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
+    numel = shape[0] * shape[1]
+    grad = torch.randn(numel, generator=gen, device=DEVICE).to(dtype)
+    idx = torch.randperm(numel, generator=gen, device=DEVICE)[:k].sort().values
+    got = kernels.gather_selected(grad, *compress(idx, shape), shape[1])
+    assert got.dtype == torch.float32
+    assert torch.equal(got, grad.index_select(0, idx).float())
 
 
 @needs_kernel
@@ -52,6 +71,7 @@ def test_kernel_matches_the_torch_path(dtype, with_master, clip, weight_decay, b
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     weight = torch.randn(NUMEL, generator=gen, device=DEVICE).to(dtype)
     idx = torch.randperm(NUMEL, generator=gen, device=DEVICE)[:K].sort().values.to(torch.int32)
+    layout = (*compress(idx, SHAPE), SHAPE[1])
     clip = None if clip is None else torch.tensor(clip, device=DEVICE)
 
     def fresh():
@@ -62,7 +82,7 @@ def test_kernel_matches_the_torch_path(dtype, with_master, clip, weight_decay, b
     hyperparameters = (1e-2, *betas, 1e-8, weight_decay)
     for step in range(1, 5):
         grad = torch.randn(K, generator=gen, device=DEVICE)
-        kernels.sparse_adamw_step(fused[0], idx, grad, *fused[1:], step, *hyperparameters, clip=clip)
+        kernels.sparse_adamw_step(fused[0], *layout, grad, *fused[1:], step, *hyperparameters, clip=clip)
         torch_step(reference[0], idx, grad, *reference[1:], step, hyperparameters, clip)
 
     unselected = torch.ones(NUMEL, dtype=torch.bool, device=DEVICE)
@@ -92,8 +112,9 @@ def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypa
     from liftft import optim
 
     calls = []
-    kernel = kernels.sparse_adamw_step
-    monkeypatch.setattr(kernels, "sparse_adamw_step", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+    for name in ("sparse_adamw_step", "gather_selected"):
+        kernel = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _name=name, _kernel=kernel, **kw: calls.append(_name) or _kernel(*a, **kw))
     # fp16 on the CPU: Triton's interpreter rounds to bf16 towards zero (see above).
     base = tiny_llama(dtype=torch.bfloat16 if DEVICE == "cuda" else torch.float16).to(DEVICE)
     ids = torch.randint(3, 512, (4, 12), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(0))
@@ -110,7 +131,7 @@ def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypa
     if DEVICE == "cpu":
         monkeypatch.setattr(optim, "_fused_step_available", lambda p: True)
     fused = train(fused_model)
-    assert calls, "the fused kernel was not used"
+    assert set(calls) == {"sparse_adamw_step", "gather_selected"}, "the kernels were not used"
     calls.clear()
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     monkeypatch.setattr(optim, "_fused_step_available", lambda p: False)
@@ -118,6 +139,6 @@ def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypa
     assert not calls
     for name in fused.target_names:
         got, want = fused.state[fused_model.get_parameter(name)], reference.state[torch_model.get_parameter(name)]
-        assert torch.equal(got["indices"], want["indices"])
+        assert torch.equal(fused.indices(name), reference.indices(name))
         for key in ("exp_avg", "exp_avg_sq", "master"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)

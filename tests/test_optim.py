@@ -198,7 +198,7 @@ def test_refresh_selects_from_master_values():
     model = Square(torch.randn(3, 3)).to(torch.bfloat16)
     opt = LiftAdamW(model, LiftConfig(rank=None, density=1 / 3, selector="magnitude", update_interval=None))
     state = opt.state[model.proj.weight]
-    old = state["indices"].tolist()
+    old = opt.indices("proj.weight").tolist()
     # The master values are the true weights: zeroing them must drop these entries
     # even though the bf16 weight still holds their old, large values.
     state["master"] = torch.zeros(3)
@@ -245,12 +245,34 @@ def test_state_dict_round_trip_keeps_dtypes():
     for name in opt.target_names:
         old = opt.state[dict(model.named_parameters())[name]]
         new = fresh_opt.state[fresh_opt._params[name]]
-        assert new["indices"].dtype == torch.int32
+        assert (new["columns"].dtype, new["row_offsets"].dtype) == (torch.int16, torch.int32)
         for key in ("exp_avg", "exp_avg_sq", "master"):
             assert new[key].dtype == torch.float32
             assert torch.equal(new[key], old[key])
-        assert torch.equal(new["indices"], old["indices"])
+        for key in ("columns", "row_offsets"):
+            assert torch.equal(new[key], old[key])
+        assert torch.equal(fresh_opt.indices(name), opt.indices(name))
     assert fresh_opt.param_groups[0]["steps"] == 3 and fresh_opt.param_groups[0]["refreshes"] == 1
+
+
+def test_loads_a_state_dict_saved_with_flat_indices():
+    """Checkpoints written before the indices were compressed held them flat under "indices"."""
+    model = tiny_llama(dtype=torch.bfloat16)
+    opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4, update_interval=None))
+    loss_of(model).backward()
+    opt.step()
+    saved = _round_trip(opt.state_dict())  # a copy: state_dict() shares the live state dicts
+    for i, name in enumerate(opt.target_names):
+        state = saved["state"][i]
+        del state["columns"], state["row_offsets"]
+        state["indices"] = opt.indices(name)
+    fresh_opt = LiftAdamW(copy.deepcopy(model), LiftConfig(rank=2, filter_rank=4, update_interval=None))
+    fresh_opt.load_state_dict(saved)
+    for name in opt.target_names:
+        assert torch.equal(fresh_opt.indices(name), opt.indices(name))
+        old, new = opt.state[model.get_parameter(name)], fresh_opt.state[fresh_opt._params[name]]
+        assert old.keys() == new.keys()
+        assert all(torch.equal(old[key], new[key]) for key in old)
 
 
 def test_kill_and_resume_is_bit_identical():

@@ -12,8 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from liftft import distributed
 from liftft.config import LiftConfig
-from liftft.sampled import sample_weight_gradients, sampled_weight_grad
-from liftft.selection import budget, iter_select_many
+from liftft.layout import compress, expand
+from liftft.sampled import sample_weight_gradients, sampled_weight_grad_at
+from liftft.selection import budget, index_dtype, iter_select_many
 from liftft.targets import find_targets
 
 _SIXTEEN_BIT = (torch.bfloat16, torch.float16)
@@ -125,15 +126,20 @@ class LiftAdamW(torch.optim.Optimizer):
     # ----- public API -----
 
     def indices(self, name: str) -> torch.Tensor:
-        """Current sorted flat indices of the target weight ``name`` (as in model.named_parameters())."""
+        """Current sorted flat indices of the target weight ``name`` (as in model.named_parameters()).
+
+        The state keeps them compressed (see :mod:`liftft.layout`); this rebuilds
+        them, int32 below 2**31 entries.
+        """
         if name not in self._params:
             raise KeyError(f"{name!r} is not a LIFT target; targets: {', '.join(self._params)}")
-        return self.state[self._params[name]]["indices"]
+        p = self._params[name]
+        return self._flat_indices(p).to(index_dtype(p.numel()))
 
     @property
     def num_selected(self) -> int:
         """Total number of selected entries over all targets."""
-        return sum(self.state[p]["indices"].numel() for p in self._params.values())
+        return sum(self.state[p]["columns"].numel() for p in self._params.values())
 
     def trained_parameters(self):
         """Yield (name, parameter, kind) for every trained parameter; kind is "lift" or "dense"."""
@@ -199,10 +205,13 @@ class LiftAdamW(torch.optim.Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         for i, p in enumerate(params):
             if i in saved:
-                self.state[p] = {
+                state = {
                     key: value.to(p.device) if torch.is_tensor(value) and key not in HOST_STATE else value
                     for key, value in saved[i].items()
                 }
+                if "indices" in state:  # saved before the indices were kept compressed
+                    state["row_offsets"], state["columns"] = compress(state.pop("indices"), tuple(p.shape))
+                self.state[p] = state
 
     # ----- internals -----
 
@@ -225,7 +234,18 @@ class LiftAdamW(torch.optim.Optimizer):
         p.grad = None
 
     def _add_selected(self, key: torch.Tensor, grad: torch.Tensor) -> None:
-        self._receive(key, grad.view(-1).index_select(0, self.state[key]["indices"]).float())
+        if _fused_step_available(key):
+            from liftft.kernels import gather_selected
+
+            state = self.state[key]
+            self._receive(key, gather_selected(grad.view(-1), state["row_offsets"], state["columns"], key.shape[1]))
+        else:
+            self._receive(key, grad.view(-1).index_select(0, self._flat_indices(key)).float())
+
+    def _flat_indices(self, p) -> torch.Tensor:
+        """p's selected entries as sorted int64 flat indices, rebuilt from the compressed state."""
+        state = self.state[p]
+        return expand(state["row_offsets"], state["columns"], p.shape[1])
 
     def _receive(self, key: torch.Tensor, picked: torch.Tensor) -> None:
         """Take a target's fp32 gradient at its selected entries: add it to its buffer, or apply it now (step_in_backward)."""
@@ -246,7 +266,8 @@ class LiftAdamW(torch.optim.Optimizer):
         if self._reduced_by_ddp:
             raise RuntimeError("sampled_grad does not work under DistributedDataParallel, which averages dense "
                                "gradients only; use LiftConfig(sampled_grad=False)")
-        self._receive(p, sampled_weight_grad(grad_output, inputs, self.state[p]["indices"], tuple(p.shape)))
+        state = self.state[p]
+        self._receive(p, sampled_weight_grad_at(grad_output, inputs, state["row_offsets"], state["columns"], tuple(p.shape)))
 
     def _note_ddp_forward(self, module, args) -> None:
         """Forward pre-hook: notice when the model runs inside DistributedDataParallel."""
@@ -278,7 +299,7 @@ class LiftAdamW(torch.optim.Optimizer):
                                dtype=torch.float32, device=device)
         for p in lift:
             if p not in self._grad_buffers:
-                self._grad_buffers[p] = torch.zeros(self.state[p]["indices"].numel(), device=p.device)
+                self._grad_buffers[p] = torch.zeros(self.state[p]["columns"].numel(), device=p.device)
         for p in dense:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
@@ -311,13 +332,13 @@ class LiftAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         hyperparameters = (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
         flat = p.data.view(-1)
-        idx = state["indices"]
         if _fused_step_available(p):
             from liftft.kernels import sparse_adamw_step
 
-            sparse_adamw_step(flat, idx, grad, state["exp_avg"], state["exp_avg_sq"], state.get("master"), step,
-                              *hyperparameters, clip=clip)
+            sparse_adamw_step(flat, state["row_offsets"], state["columns"], p.shape[1], grad, state["exp_avg"],
+                              state["exp_avg_sq"], state.get("master"), step, *hyperparameters, clip=clip)
             return
+        idx = self._flat_indices(p)
         if clip is not None:
             grad = grad * clip
         values = state["master"] if "master" in state else flat.index_select(0, idx).float()
@@ -367,7 +388,7 @@ class LiftAdamW(torch.optim.Optimizer):
             p = params[i]
             idx = self._agreed_indices(p, idx)
             new = self._carried_state(p, idx) if refresh else self._fresh_state(p, idx)
-            self.state[p] = _with_touched(new, self.state[p] if refresh else None, p)
+            self.state[p] = _with_touched(new, idx, self.state[p] if refresh else None, p)
 
     def _whole_matrix(self, p, current: torch.Tensor) -> torch.Tensor:
         """The matrix to select from: ``current``, or under FSDP2 every rank's shard of it gathered."""
@@ -387,14 +408,16 @@ class LiftAdamW(torch.optim.Optimizer):
         state = self.state[p]
         current = p.detach().float()
         if "master" in state:
-            current.view(-1).index_put_((state["indices"],), state["master"])
+            current.view(-1).index_put_((self._flat_indices(p),), state["master"])
         return current
 
     def _fresh_state(self, p, idx) -> dict:
         k = idx.numel()
+        row_offsets, columns = compress(idx, tuple(p.shape))
         state = {
             "step": torch.tensor(0.0),
-            "indices": idx,
+            "row_offsets": row_offsets,
+            "columns": columns,
             "exp_avg": torch.zeros(k, dtype=torch.float32, device=p.device),
             "exp_avg_sq": torch.zeros(k, dtype=torch.float32, device=p.device),
         }
@@ -407,7 +430,7 @@ class LiftAdamW(torch.optim.Optimizer):
         old = self.state[p]
         new = self._fresh_state(p, idx)
         new["step"] = old["step"]
-        old_idx = old["indices"]
+        old_idx = self._flat_indices(p).to(idx.dtype)
         pos = torch.searchsorted(old_idx, idx).clamp_(max=old_idx.numel() - 1)
         kept = old_idx[pos] == idx
         for key in ("exp_avg", "exp_avg_sq", "master"):
@@ -425,12 +448,12 @@ def _fused_step_available(p: torch.Tensor) -> bool:
     return fused_available(p.device)
 
 
-def _with_touched(state: dict, previous: dict | None, p) -> dict:
-    """Add to ``state`` the sorted union of all entries ever selected, with their base values."""
-    idx = state["indices"].cpu()
+def _with_touched(state: dict, selected: torch.Tensor, previous: dict | None, p) -> dict:
+    """Add to ``state`` the sorted union of all entries ever selected (``selected`` now), with their base values."""
+    idx = selected.cpu()
     if previous is None:
         state["touched"] = idx
-        state["base"] = p.detach().view(-1)[state["indices"]].cpu()
+        state["base"] = p.detach().view(-1)[selected].cpu()
         return state
     touched, base = previous["touched"], previous["base"]
     pos = torch.searchsorted(touched, idx).clamp_(max=touched.numel() - 1)

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from liftft.layout import compress
+
 # Called in backward as sink(weight, grad_output, input), weight being the target parameter as
 # given (not the tensor autograd saved: activation checkpointing hands back a different object).
 GradSink = Callable[[nn.Parameter, torch.Tensor, torch.Tensor], None]
@@ -34,22 +36,24 @@ def sampled_weight_grad(
     (the only dtype it supports; 16-bit inputs are widened exactly), so the
     dense m×n gradient is never formed.
     """
+    return sampled_weight_grad_at(grad_output, inputs, *compress(indices, shape), shape)
+
+
+def sampled_weight_grad_at(
+    grad_output: torch.Tensor, inputs: torch.Tensor, row_offsets: torch.Tensor, columns: torch.Tensor,
+    shape: tuple[int, int],
+) -> torch.Tensor:
+    """:func:`sampled_weight_grad` for entries given in LiftAdamW's compressed layout (:func:`liftft.layout.compress`)."""
     m, n = shape
     dy = grad_output.reshape(-1, m).float()
     x = inputs.reshape(-1, n).float()
-    return torch.sparse.sampled_addmm(_csr_pattern(indices, m, n), dy.t(), x, beta=0.0).values()
-
-
-def _csr_pattern(indices: torch.Tensor, m: int, n: int) -> torch.Tensor:
-    """An (m, n) fp32 CSR tensor whose stored entries are the sorted flat ``indices``."""
-    rows = torch.div(indices, n, rounding_mode="floor")
-    crow = torch.zeros(m + 1, dtype=indices.dtype, device=indices.device)
-    crow[1:] = torch.bincount(rows, minlength=m).cumsum(0)
-    values = torch.zeros(indices.numel(), dtype=torch.float32, device=indices.device)
+    values = torch.zeros(columns.numel(), dtype=torch.float32, device=columns.device)
     with warnings.catch_warnings():
         # torch warns once that sparse CSR support is "beta"; the op itself is what we want.
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
-        return torch.sparse_csr_tensor(crow, indices - rows * n, values, (m, n), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(row_offsets, columns.to(row_offsets.dtype), values, (m, n),
+                                          check_invariants=False)
+    return torch.sparse.sampled_addmm(pattern, dy.t(), x, beta=0.0).values()
 
 
 class SampledLinearFunction(torch.autograd.Function):
