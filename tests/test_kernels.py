@@ -142,3 +142,23 @@ def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypa
         assert torch.equal(fused.indices(name), reference.indices(name))
         for key in ("exp_avg", "exp_avg_sq", "master"):
             torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fused", [True, False])
+def test_backward_and_step_never_wait_for_the_gpu(fused, monkeypatch):
+    """No .item(), nonzero or other device-to-host sync in the gradient hooks or step(), kernel or torch path."""
+    if not fused:
+        monkeypatch.setenv(kernels.DISABLE_ENV, "1")
+    model = tiny_llama(dtype=torch.bfloat16).cuda()
+    opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4, update_interval=None), lr=1e-2, max_grad_norm=0.5)
+    ids = torch.randint(3, 512, (4, 12), device="cuda", generator=torch.Generator(device="cuda").manual_seed(0))
+    loss = model(input_ids=ids, labels=ids).loss
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
