@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from liftft.atomic import atomic_write
+from liftft.atomic import atomic_directory, atomic_write
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -24,28 +22,20 @@ def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] |
     may add files (a delta); ``state`` (optimizer, scheduler, RNG, position:
     tensors and plain values only) goes to state.pt, read back with
     ``weights_only=True``. Everything is written into a temporary directory that
-    is renamed into place, then LATEST is replaced atomically, then older
-    checkpoints are removed.
+    is renamed into place (:func:`liftft.atomic.atomic_directory`), then LATEST
+    is replaced atomically, then older checkpoints are removed.
     """
     root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".tmp-"))
-    try:
+    final = root / f"step-{step:08d}"
+    with atomic_directory(final) as tmp:
         if tensors is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "weights.safetensors")
         if write_extra is not None:
             write_extra(tmp)
         torch.save(state, tmp / "state.pt")
-        final = root / f"step-{step:08d}"
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(final.name))
     for old in root.iterdir():
-        if old.name not in (final.name, LATEST) and not old.name.startswith(".tmp-"):
+        if old.name not in (final.name, LATEST) and not old.name.startswith("."):
             shutil.rmtree(old, ignore_errors=True)
     return final
 
