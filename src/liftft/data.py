@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from liftft.hf import looks_local
 from liftft.template import build_prompt, encode_prompt
 
 logger = logging.getLogger(__name__)
@@ -66,23 +67,13 @@ def _load_source(source: str) -> list[dict]:
         name = str(path)
     elif path.is_dir():
         raw, name = _read_dataset_dir(path), str(path)
-    elif _looks_local(source):
+    elif looks_local(source) or source.lower().endswith(_DATA_FILE_SUFFIXES):
         raise FileNotFoundError(f"data file {source!r} does not exist")
     else:
         raw, name = _read_hub_dataset(source), f"hub dataset {source!r}"
     if not raw:
         raise ValueError(f"empty dataset: {name} holds no records")
     return [_validate_record(record, name, index) for index, record in enumerate(raw)]
-
-
-def _looks_local(source: str) -> bool:
-    """Whether a missing source is meant as a local path rather than a hub name."""
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.count("/") > 1
-        or source.lower().endswith(_DATA_FILE_SUFFIXES)
-    )
 
 
 def _read_text(path: Path) -> str:

@@ -13,10 +13,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 DTYPE_KEYWORD = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
+def looks_local(path_or_id: str) -> bool:
+    """Whether ``path_or_id`` can only be a local path: absolute, starting with . or ~, or deeper than a hub id's owner/name."""
+    return os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or path_or_id.count("/") > 1
+
+
 def check_model_path(path_or_id: str) -> None:
     """Raise FileNotFoundError for a local-looking path that does not exist."""
-    looks_local = os.path.isabs(path_or_id) or path_or_id.startswith((".", "~")) or path_or_id.count("/") > 1
-    if looks_local and not os.path.isdir(os.path.expanduser(path_or_id)):
+    if looks_local(path_or_id) and not os.path.isdir(os.path.expanduser(path_or_id)):
         raise FileNotFoundError(f"model path {path_or_id!r} does not exist")
 
 
