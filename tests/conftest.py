@@ -40,6 +40,32 @@ def tiny_llama(seed: int = 0, vocab_size: int = 512, dtype=torch.float32, **over
     return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
 
 
+def train_and_save(tmp_path, tokenizer=None, dtype=torch.float32, steps=6, rank=1, update_interval=2):
+    """Save a tiny base (and tokenizer) to tmp_path/base, train a copy with LIFT on its matrices and dense
+    norms, save the delta to tmp_path/delta, and return the trained model."""
+    from liftft import LiftAdamW, LiftConfig, save_delta
+
+    base_dir = tmp_path / "base"
+    tiny_llama(dtype=dtype).save_pretrained(base_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(base_dir)
+    model = tiny_llama(dtype=dtype)
+    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    cfg = LiftConfig(rank=rank, filter_rank=2, update_interval=update_interval)
+    opt = LiftAdamW(model, cfg, lr=1e-2, dense_params=norms)
+    for step in range(steps):
+        ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    save_delta(opt, tmp_path / "delta", base_model=str(base_dir))
+    return model
+
+
+def sample_ids():
+    return torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(99))
+
+
 def train_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on ``texts``, with <pad>=0, <s>=1, </s>=2."""
     tok = Tokenizer(models.BPE(unk_token=None))

@@ -7,36 +7,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, save_delta
+from conftest import sample_ids, tiny_llama, train_and_save
 from liftft.cli import main
 from liftft.merge import MERGE_FILE, merge_delta
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
-
-
-def train_and_save(tmp_path, tokenizer=None, dtype=torch.float32, steps=6, rank=1, update_interval=2):
-    """Save a tiny base (and tokenizer) to tmp_path/base, train a copy with LIFT on its matrices and dense
-    norms, save the delta to tmp_path/delta, and return the trained model."""
-    base_dir = tmp_path / "base"
-    tiny_llama(dtype=dtype).save_pretrained(base_dir)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(base_dir)
-    model = tiny_llama(dtype=dtype)
-    norms = [p for n, p in model.named_parameters() if n.endswith("norm.weight")]
-    cfg = LiftConfig(rank=rank, filter_rank=2, update_interval=update_interval)
-    opt = LiftAdamW(model, cfg, lr=1e-2, dense_params=norms)
-    for step in range(steps):
-        ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(step))
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-        opt.zero_grad()
-    save_delta(opt, tmp_path / "delta", base_model=str(base_dir))
-    return model
-
-
-def sample_ids():
-    return torch.randint(3, 512, (2, 12), generator=torch.Generator().manual_seed(99))
 
 
 def test_merged_directory_reloads_as_the_trained_model(tmp_path, tokenizer):

@@ -9,10 +9,10 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from conftest import sample_ids, train_and_save
 from liftft import LiftAdamW, LiftConfig, apply_delta, load_delta, save_delta
 from liftft.cli import main
 from liftft.shira import SHIRA_FILE, export_shira
-from test_merge import sample_ids, train_and_save
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
