@@ -95,7 +95,8 @@ def test_kernel_matches_the_torch_path(dtype, with_master, clip, weight_decay, b
             if want is not None:
                 assert torch.equal(got, want)
         return
-    # Torch's CPU kernels round a few ops differently (no FMA in addcdiv_, true division by a scalar): a few ulps.
+    # Torch's CPU kernels round a few ops differently (addcmul_ and addcdiv_ group their products otherwise, and
+    # division by a scalar is exact), so a few ulps apart.
     for got, want in zip(fused[1:], reference[1:]):
         if want is not None:
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -184,16 +184,17 @@ if triton is not None:
         else:
             p = tl.load(weight_ptr + idx, mask=mask, other=0.0).to(tl.float32)
         # Each line is one op of adamw_update as torch's CUDA kernels compute it: param.mul_; exp_avg.lerp_ (torch's
-        # two-branch formula); exp_avg_sq.mul_ then addcmul_ (a + value·b·c); the denominator (division by a scalar is
-        # a multiplication by its reciprocal); addcdiv_ (a + value·(b/c)). nvcc contracts a + x·y within one kernel
-        # into an FMA, so those are explicit tl.fma, and the launch turns off Triton's own contraction elsewhere.
+        # two-branch formula, which nvcc contracts into an FMA); exp_avg_sq.mul_ then addcmul_ (fma(value, b·c, a));
+        # the denominator (division by a scalar is a multiplication by its reciprocal); addcdiv_ (fma(value, b/c, a)).
+        # Those FMAs are explicit tl.fma, and the launch turns off Triton's own contraction everywhere else.
+        # (With beta2 = 0 torch's addcmul_ takes another branch, fma(b, c, a): bit-exactness assumes beta2 > 0.)
         p = p * decay
         if LERP_FROM_START:
             m = tl.fma(one_minus_beta1, g - m, m)
         else:
             m = tl.fma(-(g - m), 1.0 - one_minus_beta1, g)
         v = v * beta2
-        v = tl.fma(one_minus_beta2 * g, g, v)
+        v = tl.fma(one_minus_beta2, g * g, v)
         denom = tl.sqrt_rn(v) * inverse_bias_correction2_sqrt
         denom = denom + eps
         p = tl.fma(neg_step_size, tl.div_rn(m, denom), p)
