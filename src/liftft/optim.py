@@ -452,8 +452,9 @@ def _with_touched(state: dict, selected: torch.Tensor, previous: dict | None, p)
     """Add to ``state`` the sorted union of all entries ever selected (``selected`` now), with their base values.
 
     The record lives on the host, but is merged on p's device, one matrix at a
-    time: on a GPU that takes milliseconds where the CPU needs seconds per refresh
-    at Llama-3.2-1B scale, and the device holds only one matrix's record at once.
+    time, so the device holds only one matrix's record at once. (On the CPU the
+    merge took 0.12 s for one 8192x2048 matrix of Llama-3.2-1B, so tens of
+    seconds per refresh over all of them; a GPU does it in a fraction of that.)
     """
     flat = p.detach().view(-1)
     if previous is None:
