@@ -128,6 +128,9 @@ def _check_layout(flat: torch.Tensor, row_offsets: torch.Tensor, columns: torch.
     for name, t in (("row_offsets", row_offsets), ("columns", columns)):
         if t.device != flat.device or not t.is_contiguous() or t.dim() != 1:
             raise ValueError(f"{name} must be a contiguous 1-D tensor on {flat.device}, got {tuple(t.shape)} on {t.device}")
+    if columns.numel() >= 2**31:
+        raise ValueError(f"{columns.numel():,} selected entries in one matrix; the kernels number entries with int32 "
+                         f"(at most {2**31 - 1:,}); set {DISABLE_ENV}=1 to use the torch path")
     return columns.numel()
 
 
