@@ -29,8 +29,13 @@ def torch_step(flat, idx, grad, exp_avg, exp_avg_sq, master, step, hyperparamete
     flat.index_put_((idx,), values.to(flat.dtype))
 
 
-def test_cpu_never_dispatches_to_the_kernel(monkeypatch):
+def test_dispatch_only_to_compiled_kernels_on_cuda(monkeypatch):
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
+    assert kernels.fused_available("cuda") == (kernels.triton is not None)
     assert not kernels.fused_available("cpu")
+    monkeypatch.setattr(kernels, "INTERPRETED", True)  # interpreted kernels would be far slower than the torch path
+    assert not kernels.fused_available("cuda")
+    monkeypatch.setattr(kernels, "INTERPRETED", False)
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
     assert not kernels.fused_available("cuda")
 

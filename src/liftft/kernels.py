@@ -40,9 +40,10 @@ BLOCK_SIZE = 1024
 
 
 def fused_available(device: torch.device | str) -> bool:
-    """True when the fused kernel can run on ``device``: a CUDA device, Triton installed, LIFTFT_NO_TRITON unset."""
+    """True when LiftAdamW should use the kernels on ``device``: CUDA, Triton compiled (not interpreted), LIFTFT_NO_TRITON unset."""
     return (
         triton is not None
+        and not INTERPRETED
         and torch.device(device).type == "cuda"
         and os.environ.get(DISABLE_ENV, "") in ("", "0")
     )
