@@ -106,3 +106,55 @@ def test_differences_are_wide_enough_to_be_exact():
 def test_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a liftft delta directory"):
         load_delta(tmp_path / "nope")
+
+
+def test_indices_are_stored_compressed_and_format_1_still_applies(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from liftft.delta import DELTA_FILE
+
+    trained = tiny_llama(dtype=torch.bfloat16)
+    opt, seen = train_with_refreshes(trained)
+    save_delta(opt, tmp_path / "v2")
+    stored = load_file(tmp_path / "v2" / DELTA_FILE)
+    name = opt.target_names[0]
+    assert f"{name}.indices" not in stored and stored[f"{name}.columns"].dtype == torch.int16
+    rows, cols = tiny_llama().get_parameter(name).shape
+    assert stored[f"{name}.row_offsets"].numel() == rows + 1
+    assert [int(stored[f"{name}.columns"][i]) for i in range(3)] == [i % cols for i in sorted(seen[name])[:3]]
+
+    # The same delta as session-1 liftft wrote it: flat int32 indices under <name>.indices.
+    old = tmp_path / "v1"
+    old.mkdir()
+    flat = {}
+    for key, tensor in stored.items():
+        weight, _, part = key.rpartition(".")
+        if part == "row_offsets":
+            flat[f"{weight}.indices"] = torch.tensor(sorted(seen[weight]), dtype=torch.int32)
+        elif part != "columns":
+            flat[key] = tensor
+    save_file(flat, old / DELTA_FILE)
+    (old / "liftft.json").write_text((tmp_path / "v2" / "liftft.json").read_text())
+    for path in (tmp_path / "v2", old):
+        base = apply_delta(tiny_llama(dtype=torch.bfloat16), path)
+        for (weight, a), b in zip(base.named_parameters(), trained.parameters()):
+            assert torch.equal(a, b), (path.name, weight)
+
+
+def test_damaged_compressed_indices_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from liftft.delta import DELTA_FILE
+
+    opt, _ = train_with_refreshes(tiny_llama(), steps=2)
+    save_delta(opt, tmp_path)
+    tensors = load_file(tmp_path / DELTA_FILE)
+    name = opt.target_names[1]
+    tensors[f"{name}.columns"] = tensors[f"{name}.columns"][:-1]
+    save_file(tensors, tmp_path / DELTA_FILE)
+    with pytest.raises(ValueError, match=f"{name} has .* columns .* the file is damaged"):
+        load_delta(tmp_path)
+    del tensors[f"{name}.columns"]
+    save_file(tensors, tmp_path / DELTA_FILE)
+    with pytest.raises(ValueError, match=f"holds only one of {name}.row_offsets and {name}.columns"):
+        load_delta(tmp_path)
