@@ -158,3 +158,14 @@ def test_damaged_compressed_indices_are_named(tmp_path):
     save_file(tensors, tmp_path / DELTA_FILE)
     with pytest.raises(ValueError, match=f"holds only one of {name}.row_offsets and {name}.columns"):
         load_delta(tmp_path)
+
+
+def test_a_newer_format_is_refused_by_name(tmp_path):
+    opt, _ = train_with_refreshes(tiny_llama(), steps=1)
+    save_delta(opt, tmp_path)
+    meta = json.loads((tmp_path / "liftft.json").read_text())
+    assert meta["format_version"] == 2
+    meta["format_version"] = 3
+    (tmp_path / "liftft.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="has delta format 3, newer than this liftft reads \\(2\\)"):
+        load_delta(tmp_path)

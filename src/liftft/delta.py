@@ -116,6 +116,10 @@ def load_delta(path) -> Delta:
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: {directory} is not a liftft delta directory")
     meta = json.loads(meta_file.read_text())
+    version = meta.get("format_version", 1)
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{meta_file} has delta format {version}, newer than this liftft reads ({FORMAT_VERSION}); "
+                         "upgrade liftft")
     tensors = load_file(tensor_file)
     entries = {}
     for name, info in meta["weights"].items():
