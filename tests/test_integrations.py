@@ -114,3 +114,34 @@ def test_sft_trainer_matches_plain_loop(tmp_path):
                              callbacks=[LiftTrainerCallback()], processing_class=train_tokenizer(["a b c"], vocab_size=300))
     trainer.train()
     assert_same_weights(model, reference)
+
+
+def test_step_in_backward_under_trainer_equals_the_ordinary_path(tmp_path):
+    models = {}
+    for mode in (False, True):
+        model = tiny_llama()
+        opt = LiftAdamW(model, CFG, lr=1e-2, step_in_backward=mode)
+        args = trainer_args(tmp_path / str(mode))
+        args.gradient_accumulation_steps, args.max_grad_norm = 1, 0.0
+        Trainer(model=model, args=args, train_dataset=examples(), data_collator=DataCollator(0),
+                optimizers=(opt, constant_schedule(opt)), callbacks=[LiftTrainerCallback()]).train()
+        assert opt.param_groups[0]["steps"] == STEPS * ACCUM
+        models[mode] = model
+    for (name, p), q in zip(models[True].named_parameters(), models[False].parameters()):
+        assert torch.equal(p, q), name
+
+
+@pytest.mark.parametrize("setting,match", [("max_grad_norm", r"cannot clip; set TrainingArguments\(max_grad_norm=0\)"),
+                                           ("gradient_accumulation_steps", "cannot accumulate gradients")])
+def test_callback_refuses_what_step_in_backward_cannot_do(tmp_path, setting, match):
+    model = tiny_llama()
+    opt = LiftAdamW(model, CFG, lr=1e-2, step_in_backward=True)
+    args = trainer_args(tmp_path)  # clips at 0.05 and accumulates 4 micro-batches
+    if setting == "max_grad_norm":
+        args.gradient_accumulation_steps = 1
+    else:
+        args.max_grad_norm = 0.0
+    trainer = Trainer(model=model, args=args, train_dataset=examples(), data_collator=DataCollator(0),
+                      optimizers=(opt, constant_schedule(opt)), callbacks=[LiftTrainerCallback()])
+    with pytest.raises(ValueError, match=match):
+        trainer.train()

@@ -85,3 +85,13 @@ def test_refuses_clipping_several_processes_and_non_bool(monkeypatch):
     monkeypatch.setattr(distributed, "world_size", lambda: 2)
     with pytest.raises(ValueError, match=r"one process only \(world size 2\)"):
         LiftAdamW(tiny_llama(), cfg, step_in_backward=True)
+
+
+def test_step_refuses_a_clip_set_after_construction():
+    model = tiny_llama()
+    opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4), lr=1e-2, step_in_backward=True)
+    opt.max_grad_norm = 1.0
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="already updated, unclipped, during backward"):
+        opt.step()
