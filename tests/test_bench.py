@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from liftft.cli import main
-from liftft.selection import _shape_groups, budget, select_indices, select_many
+from liftft.selection import shape_groups, budget, select_indices, select_many
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank", "ignore::FutureWarning")
 
@@ -137,8 +137,8 @@ def test_select_many_scores_prepared_weights():
 
 def test_groups_share_a_shape_and_stay_within_the_bound():
     weights = [torch.zeros(4, 8)] * 5 + [torch.zeros(8, 4)] * 2 + [torch.zeros(4, 8)]
-    assert _shape_groups(weights, 2 * 32) == [[0, 1], [2, 3], [4, 7], [5, 6]]
-    assert _shape_groups(weights, 1) == [[i] for i in (0, 1, 2, 3, 4, 7, 5, 6)]
+    assert shape_groups(weights, 2 * 32) == [[0, 1], [2, 3], [4, 7], [5, 6]]
+    assert shape_groups(weights, 1) == [[i] for i in (0, 1, 2, 3, 4, 7, 5, 6)]
 
 
 @pytest.mark.parametrize(

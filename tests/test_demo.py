@@ -5,7 +5,7 @@ import json
 import pytest
 
 from liftft.cli import main
-from liftft.demo_report import DEMO_METHODS
+from liftft.demo import DEMO_METHODS
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

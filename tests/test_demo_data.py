@@ -8,9 +8,9 @@ import re
 import pytest
 import torch
 
-from liftft import demo_base
-from liftft.demo_base import BaseSettings, build_tokenizer, cache_root, get_base
-from liftft.demo_data import (
+from liftft.demo import base as demo_base
+from liftft.demo.base import BaseSettings, build_tokenizer, cache_root, get_base
+from liftft.demo.data import (
     FACTS,
     arithmetic_records,
     corpus_texts,
@@ -159,13 +159,13 @@ def counted_pretraining(monkeypatch, tmp_path):
     """Point the cache at a temporary directory and count pretraining runs."""
     monkeypatch.setenv("LIFTFT_CACHE", str(tmp_path / "cache"))
     calls = []
-    real_train = demo_base._train
+    real_train = demo_base.train_on_sequences
 
     def counting_train(*args, **kwargs):
         calls.append(1)
         return real_train(*args, **kwargs)
 
-    monkeypatch.setattr(demo_base, "_train", counting_train)
+    monkeypatch.setattr(demo_base, "train_on_sequences", counting_train)
     return calls
 
 

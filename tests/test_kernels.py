@@ -12,7 +12,7 @@ import torch
 from conftest import tiny_llama
 from liftft import LiftAdamW, LiftConfig, kernels
 from liftft.layout import compress
-from liftft.optim import adamw_update
+from liftft.functional import adamw_update
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not kernels.kernels_run_on(DEVICE), reason="needs Triton (on CUDA, or interpreted)")
@@ -115,7 +115,7 @@ def test_kernel_matches_the_torch_path(dtype, with_master, clip, weight_decay, b
 @needs_kernel
 def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypatch):
     """On CUDA LiftAdamW picks the kernel itself; on the CPU the test forces the interpreted kernel in."""
-    from liftft import optim
+    from liftft import functional
 
     calls = []
     for name in ("sparse_adamw_step", "gather_selected"):
@@ -135,12 +135,12 @@ def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypa
 
     fused_model, torch_model = copy.deepcopy(base), copy.deepcopy(base)
     if DEVICE == "cpu":
-        monkeypatch.setattr(optim, "_fused_step_available", lambda p: True)
+        monkeypatch.setattr(functional, "kernels_possible", lambda t: True)
     fused = train(fused_model)
     assert set(calls) == {"sparse_adamw_step", "gather_selected"}, "the kernels were not used"
     calls.clear()
     monkeypatch.setenv(kernels.DISABLE_ENV, "1")
-    monkeypatch.setattr(optim, "_fused_step_available", lambda p: False)
+    monkeypatch.setattr(functional, "kernels_possible", lambda t: False)
     reference = train(torch_model)
     assert not calls
     for name in fused.target_names:

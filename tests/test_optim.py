@@ -168,7 +168,7 @@ def test_refresh_happens_every_interval_of_optimizer_steps():
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_selection_batches_same_shaped_targets_and_equals_selecting_one_by_one(svd, monkeypatch):
     from liftft import selection
-    from liftft.optim import selection_seed
+    from liftft.selection import selection_seed
 
     stacks = []
     low_rank = selection.low_rank_approximation
@@ -244,7 +244,7 @@ def test_state_dict_round_trip_keeps_dtypes():
     fresh_opt.load_state_dict(_round_trip(opt.state_dict()))
     for name in opt.target_names:
         old = opt.state[dict(model.named_parameters())[name]]
-        new = fresh_opt.state[fresh_opt._params[name]]
+        new = fresh_opt.state_of(name)
         assert (new["columns"].dtype, new["row_offsets"].dtype) == (torch.int16, torch.int32)
         for key in ("exp_avg", "exp_avg_sq", "master"):
             assert new[key].dtype == torch.float32
@@ -270,7 +270,7 @@ def test_loads_a_state_dict_saved_with_flat_indices():
     fresh_opt.load_state_dict(saved)
     for name in opt.target_names:
         assert torch.equal(fresh_opt.indices(name), opt.indices(name))
-        old, new = opt.state[model.get_parameter(name)], fresh_opt.state[fresh_opt._params[name]]
+        old, new = opt.state[model.get_parameter(name)], fresh_opt.state_of(name)
         assert old.keys() == new.keys()
         assert all(torch.equal(old[key], new[key]) for key in old)
 

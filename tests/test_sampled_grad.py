@@ -125,7 +125,7 @@ def test_remove_hooks_gives_linears_their_own_forward_back():
     opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4, sampled_grad=True))
     q_proj = model.model.layers[0].self_attn.q_proj
     assert "forward" in q_proj.__dict__
-    opt.remove_hooks()
+    opt.close()
     assert "forward" not in q_proj.__dict__
     model(input_ids=BATCH, labels=BATCH).loss.backward()
     assert q_proj.weight.grad is not None and q_proj.weight.grad.shape == q_proj.weight.shape

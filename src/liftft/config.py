@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
 SELECTORS = ("principal", "principal-smallest", "magnitude", "random")
 SVD_METHODS = ("exact", "randomized")
+BIAS_CORRECTIONS = ("matrix", "entry")
 TARGET_PRESETS = ("all-linear", "mlp", "attn")
 
 
@@ -27,6 +30,16 @@ class LiftConfig:
     resolution still accumulate. ``sampled_grad`` makes target nn.Linear layers
     compute their weight gradient only at the selected entries (see
     :mod:`liftft.sampled`) instead of forming the dense gradient and gathering.
+
+    ``bias_correction`` says whose step count AdamW's bias correction uses.
+    ``"matrix"`` (the paper's, and the default) uses the matrix's: an entry
+    newly selected at a refresh starts with zero moments but a large step
+    count, so its first steps are larger than lr (about 1.1x under betas
+    (0.9, 0.95), 3.8x under (0.9, 0.999)). ``"entry"`` counts each entry's
+    steps from the refresh that selected it, as if a fresh AdamW had started
+    there, at 1 byte more per selected entry; use it with a beta2 close to 1 or
+    frequent refreshes. Entries selected 255 or more refreshes ago count from
+    the matrix's first step.
     """
 
     rank: int | None = 128
@@ -39,6 +52,7 @@ class LiftConfig:
     exclude_modules: str | Sequence[str] | None = None
     master_weights: bool = True
     sampled_grad: bool = False
+    bias_correction: str = "matrix"
     seed: int = 0
 
     def __post_init__(self):
@@ -58,6 +72,7 @@ class LiftConfig:
             _check_int("update_interval", self.update_interval, minimum=1)
         _check_choice("selector", self.selector, SELECTORS)
         _check_choice("svd", self.svd, SVD_METHODS)
+        _check_choice("bias_correction", self.bias_correction, BIAS_CORRECTIONS)
         _check_pattern("target_modules", self.target_modules)
         if self.exclude_modules is not None:
             _check_pattern("exclude_modules", self.exclude_modules)
@@ -106,3 +121,23 @@ def _check_pattern(name, value):
     raise TypeError(
         f"{name} must be one of {TARGET_PRESETS}, a regex string, or a non-empty list of module-name suffixes; got {value!r}"
     )
+
+
+def clip_norm(max_grad_norm) -> float | None:
+    """The global gradient-norm threshold that ``max_grad_norm`` asks for; None means no clipping.
+
+    None and 0 both mean no clipping (0 is how the CLI and the transformers
+    Trainer say "off"); a finite number > 0 is the threshold, as a float.
+    Anything else (a negative number, nan, inf, a bool, a non-number) is
+    refused, naming the value, rather than silently disabling clipping.
+    """
+    if max_grad_norm is None:
+        return None
+    if isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, numbers.Real):
+        raise TypeError(f"max_grad_norm must be a number or None, got {max_grad_norm!r}")
+    if max_grad_norm == 0:
+        return None
+    if not (math.isfinite(max_grad_norm) and max_grad_norm > 0):
+        raise ValueError(f"max_grad_norm must be a finite number > 0, or 0 or None for no clipping; "
+                         f"got {max_grad_norm!r}")
+    return float(max_grad_norm)

@@ -2,35 +2,46 @@
 
 Format 2 stores each sparse weight's indices compressed (``<name>.row_offsets``
 and ``<name>.columns``, see :mod:`liftft.layout`): 2 bytes per entry instead of
-the 4 of format 1's flat ``<name>.indices``, which still loads.
+the 4 of format 1's flat ``<name>.indices``, which still loads. Format 3 adds,
+for the rare entries whose base + difference does not round back to the trained
+value (an entry that shrank far below its base), ``<name>.exact_positions`` and
+``<name>.exact_values``: their positions among the weight's values and their
+trained values. A delta is written in the oldest format that reproduces it
+exactly, so deltas without such entries stay readable by older liftft.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from liftft import distributed
 from liftft.atomic import atomic_write, write_json_atomic
-from liftft.layout import compress, expand
-from liftft.selection import index_dtype
+from liftft.layout import compress, expand, index_dtype
 
 DELTA_FILE = "delta.safetensors"
 META_FILE = "liftft.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+EXACT_FORMAT = 3  # the first format with exact values
 
 
 @dataclass
 class Delta:
-    """Per weight name, (sorted flat indices or None for a dense delta, fp32 values), plus metadata."""
+    """Per weight name, (sorted flat indices or None for a dense delta, fp32 values), plus metadata.
+
+    ``exact`` maps a weight name to (positions among its values, trained values)
+    for entries whose trained value base + difference does not reproduce.
+    """
 
     entries: dict[str, tuple[torch.Tensor | None, torch.Tensor]]
     meta: dict
+    exact: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def num_entries(self) -> int:
@@ -44,24 +55,57 @@ def fingerprint(values: torch.Tensor) -> str:
 
 
 def delta_from_optimizer(opt) -> Delta:
-    """Every entry ``opt`` ever trained, as final minus base in fp32, with per-weight base fingerprints."""
-    entries, weights = {}, {}
-    for name, p, kind in opt.trained_parameters():
-        state = opt.state[p]
-        if "base" not in state:  # a dense param that never received a gradient
+    """Every entry ``opt`` ever trained, as final minus base in fp32, with per-weight base fingerprints.
+
+    Under FSDP2 this is this rank's rows, in shard coordinates; see :func:`sharded_delta`.
+    """
+    entries, weights, exact = {}, {}, {}
+    for name, p, _ in opt.trained_parameters():
+        trained = opt.trained_entries(name)
+        if trained is None:  # a dense param that never received a gradient
             continue
-        base = state["base"]
-        if kind == "lift":
-            idx = state["touched"]
-            final = p.detach().view(-1)[idx.to(p.device)].cpu()
-        else:
-            idx, final = None, p.detach().cpu()
+        idx, base = trained
+        final = p.detach().cpu() if idx is None else p.detach().view(-1)[idx.to(p.device)].cpu()
         values = exact_difference(final, base)
         entries[name] = (idx, values)
+        positions = irreproducible(final, base, values)
+        if positions.numel():
+            exact[name] = (positions, final.reshape(-1)[positions].to(values.dtype))
         weights[name] = {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
                          "base_sha256": fingerprint(base)}
-    meta = {"format_version": FORMAT_VERSION, "config": opt.cfg.to_dict(), "weights": weights}
-    return Delta(entries, meta)
+    meta = {"format_version": EXACT_FORMAT if exact else 2, "config": opt.cfg.to_dict(), "weights": weights}
+    return Delta(entries, meta, exact)
+
+
+def sharded_delta(opt) -> Delta:
+    """The :class:`Delta` of a LiftAdamW over FSDP2-sharded targets, as one process would make it.
+
+    A collective: every rank must call it; every rank gets the whole delta
+    (global flat indices, shapes and base fingerprints of the full matrices).
+    Write it from rank 0 with :func:`write_delta`.
+    """
+    delta = delta_from_optimizer(opt)  # this rank's rows, in shard coordinates
+    for name, view, _ in opt.trained_parameters():
+        param = opt.sharded_parameter(view)
+        rows, columns = distributed.shard_rows(param), param.shape[1]
+        (idx, values), (_, base) = delta.entries[name], opt.trained_entries(name)
+        global_idx = distributed.cat_from_ranks(idx.long() + rows[0] * columns).to(index_dtype(param.numel()))
+        delta.entries[name] = (global_idx, distributed.cat_from_ranks(values))
+        delta.meta["weights"][name].update(shape=list(param.shape),
+                                           base_sha256=fingerprint(distributed.cat_from_ranks(base)))
+        _gather_exact(delta, name, idx.numel())
+    return delta
+
+
+def _gather_exact(delta: Delta, name: str, local_count: int) -> None:
+    """Turn this rank's exact entries of ``name`` into the whole matrix's, positions offset by the ranks before."""
+    positions, values = delta.exact.get(name, (torch.zeros(0, dtype=torch.int64),
+                                               torch.zeros(0, dtype=delta.entries[name][1].dtype)))
+    before = sum(distributed.cat_from_ranks(torch.tensor([local_count]))[: distributed.rank()].tolist())
+    positions, values = distributed.cat_from_ranks(positions + before), distributed.cat_from_ranks(values)
+    if positions.numel():
+        delta.exact[name] = (positions, values)
+        delta.meta["format_version"] = EXACT_FORMAT
 
 
 def exact_difference(final: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
@@ -73,6 +117,13 @@ def exact_difference(final: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
     """
     wide = torch.float64 if final.dtype in (torch.float32, torch.float64) else torch.float32
     return final.to(wide) - base.to(wide)
+
+
+def irreproducible(final: torch.Tensor, base: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Flat positions where base + ``values``, rounded to final's dtype, is not bit for bit ``final``."""
+    rebuilt = (base.to(values.dtype) + values).to(final.dtype)
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[final.element_size()]
+    return (rebuilt.reshape(-1).view(bits) != final.reshape(-1).view(bits)).nonzero().flatten()
 
 
 def save_delta(opt, path, *, base_model: str | None = None, training_args: dict | None = None,
@@ -103,6 +154,8 @@ def write_delta(delta: Delta, path) -> None:
             shape = tuple(delta.meta["weights"][name]["shape"])
             tensors[f"{name}.row_offsets"], tensors[f"{name}.columns"] = compress(idx, shape)
         tensors[f"{name}.values"] = values.contiguous()
+    for name, (positions, values) in delta.exact.items():
+        tensors[f"{name}.exact_positions"], tensors[f"{name}.exact_values"] = positions, values.contiguous()
     atomic_write(path / DELTA_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "liftft-delta"}))
     write_json_atomic(path / META_FILE, delta.meta)
 
@@ -121,12 +174,23 @@ def load_delta(path) -> Delta:
         raise ValueError(f"{meta_file} has delta format {version}, newer than this liftft reads ({FORMAT_VERSION}); "
                          "upgrade liftft")
     tensors = load_file(tensor_file)
-    entries = {}
+    entries, exact = {}, {}
     for name, info in meta["weights"].items():
         if f"{name}.values" not in tensors:
             raise ValueError(f"{tensor_file} lacks {name}.values listed in {meta_file}")
         entries[name] = (_stored_indices(tensors, name, info["shape"], tensor_file), tensors[f"{name}.values"])
-    return Delta(entries, meta)
+        if f"{name}.exact_positions" in tensors:
+            exact[name] = _stored_exact(tensors, name, tensor_file)
+    return Delta(entries, meta, exact)
+
+
+def _stored_exact(tensors: dict, name: str, tensor_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    positions, values = tensors[f"{name}.exact_positions"], tensors.get(f"{name}.exact_values")
+    count = tensors[f"{name}.values"].numel()
+    if values is None or values.numel() != positions.numel() or (positions.numel() and not
+                                                                 0 <= int(positions.min()) <= int(positions.max()) < count):
+        raise ValueError(f"{tensor_file}: {name}'s exact values do not match its {count} entries; the file is damaged")
+    return positions, values
 
 
 def _stored_indices(tensors: dict, name: str, shape: list[int], tensor_file: Path) -> torch.Tensor | None:
@@ -168,7 +232,8 @@ def check_compatible(model: nn.Module, delta: Delta) -> None:
 def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
     """Add ``scale`` times the delta at ``path`` to ``model`` in place and return it.
 
-    With scale 1 on the base model this reproduces the trained weights exactly.
+    With scale 1 on the base model this reproduces the trained weights exactly,
+    bit for bit, every entry (those stored with exact values included).
     Raises ValueError naming the first weight whose shape or base fingerprint
     does not match, before changing anything.
     """
@@ -178,10 +243,13 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
     for name, (idx, values) in delta.entries.items():
         p = params[name]
         values = values.to(p.device)
+        flat = p.view(-1)
         if idx is None:
             p.copy_((p.to(values.dtype) + scale * values).to(p.dtype))
         else:
-            flat = p.view(-1)
             idx = idx.to(p.device).long()
             flat[idx] = (flat[idx].to(values.dtype) + scale * values).to(p.dtype)
+        if scale == 1 and name in delta.exact:
+            positions, exact = (t.to(p.device) for t in delta.exact[name])
+            flat[positions if idx is None else idx[positions]] = exact.to(p.dtype)
     return model

@@ -2,7 +2,9 @@
 
 LIFT's selection is a function of the weights, which every data-parallel rank
 holds identically, so only the k selected gradient values per matrix must be
-averaged across ranks. :class:`liftft.optim.LiftAdamW` calls into this module:
+averaged across ranks. :class:`liftft.optim.LiftAdamW` and its gradient hooks
+(:mod:`liftft.gradients`) call into this module, which imports nothing of
+liftft's: it does collectives and the arithmetic of shards, nothing else.
 
 - unwrapped model (what ``liftft train`` uses): the optimizer averages the
   gathered length-k buffers and the dense params' gradients with
@@ -27,7 +29,6 @@ import sys
 import torch
 import torch.distributed as dist
 
-from liftft.selection import index_dtype
 
 # Gradients are averaged in fp32 buckets of at most this many values (128 MiB),
 # so the temporary flat copy stays small next to the optimizer state.
@@ -206,6 +207,19 @@ def full_matrix(local: torch.Tensor, like) -> torch.Tensor:
     return sharded.full_tensor()
 
 
+def whole_matrix(local: torch.Tensor, sharded) -> torch.Tensor:
+    """The matrix to select from: ``local`` itself, or, for the DTensor ``sharded``, every rank's shard gathered."""
+    return local if sharded is None else full_matrix(local, sharded)
+
+
+def agreed_indices(idx: torch.Tensor, sharded) -> torch.Tensor:
+    """Rank 0's selection ``idx`` on every rank; for the DTensor ``sharded``, only its part in this rank's rows."""
+    idx = broadcast_from_rank0(idx)
+    if sharded is None:
+        return idx
+    return local_indices(idx, shard_rows(sharded), sharded.shape[1])
+
+
 def cat_from_ranks(t: torch.Tensor) -> torch.Tensor:
     """The 1-D tensors ``t`` of every rank, concatenated in rank order, on every rank (on ``t``'s device)."""
     if world_size() == 1:
@@ -221,28 +235,17 @@ def cat_from_ranks(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[: int(s)] for part, s in zip(parts, sizes)]).to(t.device)
 
 
-def sharded_delta(opt):
-    """The :class:`liftft.delta.Delta` of a LiftAdamW over FSDP2-sharded targets, as one process would make it.
-
-    A collective: every rank must call it; every rank gets the whole delta
-    (global flat indices, shapes and base fingerprints of the full matrices).
-    Write it from rank 0 with :func:`liftft.delta.write_delta`.
-    """
-    from liftft.delta import delta_from_optimizer, fingerprint
-
-    delta = delta_from_optimizer(opt)  # this rank's rows, in shard coordinates
-    for name, view, _ in opt.trained_parameters():
-        param = opt.sharded_parameter(view)
-        rows, columns = shard_rows(param), param.shape[1]
-        idx, values = delta.entries[name]
-        global_idx = cat_from_ranks(idx.long() + rows[0] * columns).to(index_dtype(param.numel()))
-        delta.entries[name] = (global_idx, cat_from_ranks(values))
-        delta.meta["weights"][name].update(shape=list(param.shape),
-                                           base_sha256=fingerprint(cat_from_ranks(opt.state[view]["base"])))
-    return delta
-
-
 # ----- DeepSpeed -----
+
+
+def reject_wrapped(model) -> None:
+    """Raise ValueError, naming the fix, for a model already wrapped in DistributedDataParallel or DeepSpeed."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    if isinstance(model, DistributedDataParallel):
+        raise ValueError("build LiftAdamW on the bare model (ddp.module) and wrap it in DistributedDataParallel "
+                         "afterwards, so that DDP only reduces the parameters LIFT trains")
+    reject_deepspeed(model)
 
 
 def reject_deepspeed(model=None) -> None:

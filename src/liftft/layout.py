@@ -7,6 +7,9 @@ row_offsets[r] <= e < row_offsets[r + 1]) and ``columns`` (int16 when the
 matrix has at most 32,768 columns, as every hidden size in use does), they cost
 2 bytes per entry plus a few per row. Flat indices are rebuilt from them on
 demand, one matrix at a time.
+
+The sorted-set operations at the end (membership, carry over, difference,
+merge) are what a refresh does with two selections of one matrix.
 """
 
 from __future__ import annotations
@@ -39,3 +42,46 @@ def expand(row_offsets: torch.Tensor, columns: torch.Tensor, n: int) -> torch.Te
     # output_size keeps repeat_interleave from reading the total back from the device.
     rows = torch.repeat_interleave(torch.arange(m, device=columns.device), counts, output_size=columns.numel())
     return rows * n + columns.long()
+
+
+def index_dtype(numel: int) -> torch.dtype:
+    """The dtype of flat indices into a matrix of ``numel`` entries: int32 when every one fits, else int64."""
+    return torch.int32 if numel < 2**31 else torch.int64
+
+
+# ----- sorted index sets: what a refresh keeps, adds and records -----
+#
+# Each function takes sorted, unique 1-D index tensors of one dtype on one device, and any side may be empty
+# (an FSDP2 rank can hold no selected entry of a matrix before a refresh and some after it).
+
+
+def find_sorted(haystack: torch.Tensor, needles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(position, found) for each of ``needles`` in ``haystack``: found[i] iff needles[i] == haystack[position[i]]."""
+    if haystack.numel() == 0:
+        return torch.zeros_like(needles, dtype=torch.int64), torch.zeros_like(needles, dtype=torch.bool)
+    position = torch.searchsorted(haystack, needles).clamp_(max=haystack.numel() - 1)
+    return position, haystack[position] == needles
+
+
+def carry_over(old: torch.Tensor, old_values: torch.Tensor, new: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """Values for indices ``new``: ``old_values`` where the index is in ``old``, ``fresh`` (same length as new) elsewhere."""
+    if old.numel() == 0:
+        return fresh.clone()
+    position, found = find_sorted(old, new)
+    return torch.where(found, old_values[position], fresh)
+
+
+def difference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The indices of ``a`` that are not in ``b``, sorted."""
+    return a[~find_sorted(b, a)[1]]
+
+
+def merge_sorted(a: torch.Tensor, a_values: torch.Tensor, b: torch.Tensor, b_values: torch.Tensor):
+    """(sorted union, values) of two disjoint index sets and their values, in O(n log m) without a full sort, on a's device."""
+    merged = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    values = torch.empty(merged.numel(), dtype=a_values.dtype, device=a.device)
+    a_at = torch.arange(a.numel(), device=a.device) + torch.searchsorted(b, a)
+    b_at = torch.arange(b.numel(), device=a.device) + torch.searchsorted(a, b)
+    merged[a_at], values[a_at] = a, a_values
+    merged[b_at], values[b_at] = b, b_values
+    return merged, values

@@ -8,6 +8,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from liftft.config import SELECTORS, SVD_METHODS
+from liftft.layout import index_dtype
 
 # Randomized SVD sketches 2 * rank columns (at least rank + 16) with 4 power
 # iterations: on slowly decaying spectra (sigma_i ~ i^-0.5) a smaller sketch
@@ -41,9 +42,9 @@ def budget(shape, rank: int | None = None, density: float | None = None) -> int:
     return max(1, min(m * n, round(density * m * n)))
 
 
-def index_dtype(numel: int) -> torch.dtype:
-    """int32 when every flat index fits, else int64."""
-    return torch.int32 if numel < 2**31 else torch.int64
+def selection_seed(seed: int, ordinal: int, refreshes: int = 0) -> int:
+    """The seed of target number ``ordinal``'s selection after ``refreshes`` refreshes (used by "random" and randomized SVD)."""
+    return seed + 7919 * ordinal + 104729 * refreshes
 
 
 def select_indices(
@@ -135,7 +136,7 @@ def _selections(weights, ks, selector, filter_rank, svd, seeds, prepare, max_gro
         for i, (w, k, s) in enumerate(zip(weights, ks, seeds)):
             yield i, select_indices(prepare(w), k, selector, filter_rank, svd, s)
         return
-    for group in _shape_groups(weights, max_group_numel):
+    for group in shape_groups(weights, max_group_numel):
         with torch.no_grad():
             stacked = torch.stack([prepare(weights[i]).detach().float() for i in group])
             scores = low_rank_approximation(stacked, filter_rank, svd, [seeds[i] for i in group]).abs_()
@@ -229,7 +230,7 @@ def _per_matrix(name: str, value, count: int) -> list:
     return values
 
 
-def _shape_groups(weights: list[torch.Tensor], max_group_numel: int) -> list[list[int]]:
+def shape_groups(weights: list[torch.Tensor], max_group_numel: int) -> list[list[int]]:
     """Positions of ``weights`` grouped by (shape, device), each group at most max_group_numel entries (>= 1 matrix)."""
     by_shape: dict[tuple, list[int]] = {}
     for i, w in enumerate(weights):

@@ -52,9 +52,12 @@ def find_targets(
     embeddings: ``"all-linear"`` all of them, ``"mlp"`` the feed-forward
     projections, ``"attn"`` the attention projections. A list of suffixes or a
     regex (matched against whole module names) may pick any module with a
-    ``weight``; that weight must be 2-D.
+    ``weight``; that weight must be 2-D. A weight shared by several modules
+    (tied embeddings) is one target, named as ``model.named_parameters()``
+    names it: by its first name.
     """
     embeddings = _embedding_modules(model)
+    first_names = {id(p): name for name, p in model.named_parameters()}  # each Parameter once, by its first name
     chosen: dict[str, nn.Parameter] = {}
     for name, module in model.named_modules():
         if not name or not _selected(name, module, target_modules, embeddings):
@@ -66,7 +69,7 @@ def find_targets(
             raise ValueError(f"target module {name!r} ({type(module).__name__}) has no weight tensor")
         if weight.dim() != 2:
             raise ValueError(f"target {name}.weight is not 2-D (shape {tuple(weight.shape)}); LIFT trains matrices only")
-        chosen[f"{name}.weight"] = weight
+        chosen.setdefault(first_names.get(id(weight), f"{name}.weight"), weight)
     if not chosen:
         linear = [n for n, m in model.named_modules() if _is_linear(m)]
         raise ValueError(
@@ -86,3 +89,44 @@ def _selected(name, module, target_modules, embeddings) -> bool:
             return _in_family(name, ATTN_LEAVES, ATTN_PARENTS)
         return True
     return _matches(name, target_modules)
+
+
+def named_dense(model: nn.Module, dense_params, targets: dict[str, nn.Parameter]) -> dict[str, nn.Parameter]:
+    """``dense_params`` as {name: parameter}, each checked to be a parameter of ``model`` and not a target."""
+    if dense_params is None:
+        return {}
+    names = {id(p): n for n, p in model.named_parameters()}
+    target_ids = {id(p) for p in targets.values()}
+    dense = {}
+    for p in dense_params:
+        if not isinstance(p, torch.Tensor):
+            raise TypeError(f"dense_params must hold tensors, got {type(p).__name__}")
+        if id(p) not in names:
+            raise ValueError(f"a dense param of shape {tuple(p.shape)} is not a parameter of the model")
+        if id(p) in target_ids:
+            raise ValueError(f"{names[id(p)]} is both a LIFT target and in dense_params")
+        dense[names[id(p)]] = p
+    return dense
+
+
+def check_trainable(trained: dict[str, nn.Parameter]) -> None:
+    """Raise ValueError, naming the parameter, unless every one is contiguous and all share one device.
+
+    LIFT indexes a target's flat storage; clipping and rank averaging combine
+    every trained tensor in one place.
+    """
+    first, where = next(iter(trained)), next(iter(trained.values())).device
+    for name, p in trained.items():
+        if not p.is_contiguous():
+            raise ValueError(f"{name} is not contiguous; LIFT indexes its flat storage")
+        if p.device != where:
+            raise ValueError(f"LiftAdamW trains parameters on one device, but {first} is on {where} and {name} on "
+                             f"{p.device} (a device_map over several devices?); load the model on one device, or "
+                             "shard it over several with FSDP2 (torch.distributed.fsdp.fully_shard)")
+
+
+def freeze_all_but(model: nn.Module, trained: list[nn.Parameter]) -> None:
+    """Set requires_grad on the ``trained`` parameters of ``model`` and clear it on every other."""
+    trained_ids = {id(p) for p in trained}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trained_ids)

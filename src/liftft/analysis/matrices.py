@@ -7,7 +7,7 @@ import warnings
 from statistics import fmean
 
 from liftft.config import LiftConfig
-from liftft.optim import selection_seed
+from liftft.selection import selection_seed
 from liftft.selection import budget, select_indices
 
 

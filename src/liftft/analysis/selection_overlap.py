@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import group_means, layer_depth, layer_type, target_budgets
 from liftft.config import LiftConfig
-from liftft.optim import selection_seed
+from liftft.selection import selection_seed
 from liftft.selection import select_indices
 from liftft.targets import find_targets
 

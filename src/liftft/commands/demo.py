@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def register(subparsers) -> None:
-    from liftft.demo_report import DEMO_METHODS
+    from liftft.demo import DEMO_METHODS
 
     p = subparsers.add_parser(
         "demo",

@@ -7,6 +7,23 @@ import os
 import re
 from pathlib import Path
 
+from liftft.eval import (
+    EXTRACTORS,
+    KINDS,
+    NUMBER,
+    SCORINGS,
+    check_answers,
+    check_candidates,
+    completed_tasks,
+    custom_task,
+    evaluate_task,
+    format_table,
+    read_records,
+    resolve_tasks,
+    save_task,
+    write_results,
+)
+from liftft.eval.results import results_with_settings
 from liftft.template import TEMPLATES
 
 TEST_FILE = "test.json"
@@ -35,7 +52,7 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--data-dir", help=f"folder holding <task>/{TEST_FILE} for every task (LLM-Adapters dataset/)")
     parser.add_argument("--task-file", help="a test file outside the known tasks, in the same record format")
-    parser.add_argument("--kind", choices=("number", "letter", "choice"), help="answer kind of --task-file")
+    parser.add_argument("--kind", choices=KINDS, help="answer kind of --task-file")
     parser.add_argument(
         "--task-name", help="name of --task-file in the results (default: its folder name for test.json, else its stem)"
     )
@@ -45,13 +62,13 @@ def register(subparsers) -> None:
     parser.add_argument("--num-beams", type=int, default=1, help="beam width; 1 is greedy, 4 is the authors' setting")
     parser.add_argument(
         "--extractor",
-        choices=("reference", "strict"),
+        choices=EXTRACTORS,
         default="strict",
         help="answer extraction: the authors' exact rules, or stricter ones (both are recorded)",
     )
     parser.add_argument(
         "--scoring",
-        choices=("generate", "loglik"),
+        choices=SCORINGS,
         default="generate",
         help="generate and extract, or rank the choices by log-likelihood (multiple-choice tasks only; "
         "numeric tasks are still generated)",
@@ -70,14 +87,13 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Evaluate every requested task and print the results table."""
-    from liftft import evaluate
     from liftft.hf import check_model_path
 
     _check_flags(args)
     check_model_path(args.model)
     jobs, missing = _collect_tasks(args)
     settings = _settings(args)
-    done = evaluate.completed_tasks(args.output, settings, args.overwrite)
+    done = completed_tasks(args.output, settings, args.overwrite)
     for task, _ in jobs:
         if task.name in done:
             print(f"{task.name}: already done in {args.output}, skipped (--overwrite reruns it)")
@@ -87,7 +103,7 @@ def run(args) -> int:
     if pending:
         model, tokenizer = _load_model(args, settings["dtype"])
         for task, records in pending:
-            summary, predictions = evaluate.evaluate_task(
+            summary, predictions = evaluate_task(
                 model,
                 tokenizer,
                 task,
@@ -99,12 +115,9 @@ def run(args) -> int:
                 max_new_tokens=args.max_new_tokens,
                 num_beams=args.num_beams,
             )
-            evaluate.save_task(args.output, settings, task, summary, predictions)
-    results = evaluate.read_results(args.output)
-    if results is None or results.get("settings") != settings:
-        results = {"settings": settings, "tasks": {}}
-    results = evaluate.write_results(args.output, results, missing)
-    print(evaluate.format_table(results))
+            save_task(args.output, settings, task, summary, predictions)
+    results = write_results(args.output, results_with_settings(args.output, settings), missing)
+    print(format_table(results))
     return 0
 
 
@@ -131,35 +144,33 @@ def _check_flags(args) -> None:
 
 def _collect_tasks(args):
     """The (task, records) pairs to evaluate, every file validated, and the names of missing tasks."""
-    from liftft import evaluate
-
     tasks = []
     if args.tasks is not None or args.task_file is None:
         if args.data_dir is None:
             raise ValueError(f"--tasks needs --data-dir, the folder that holds <task>/{TEST_FILE}")
         if not os.path.isdir(args.data_dir):
             raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist")
-        tasks = evaluate.resolve_tasks(args.tasks or "all")
+        tasks = resolve_tasks(args.tasks or "all")
     jobs, missing = [], []
     for task in tasks:
         path = _task_file(args.data_dir, task.name)
         if path is None:
             missing.append(task.name)
             continue
-        jobs.append((task, _checked_records(evaluate, task, path, args)))
+        jobs.append((task, _checked_records(task, path, args)))
     if args.task_file is not None:
-        records = evaluate.read_records(args.task_file)
-        task = evaluate.custom_task(_custom_name(args, [t.name for t in tasks]), args.kind, records)
-        jobs.append((task, _checked_records(evaluate, task, args.task_file, args, records)))
+        records = read_records(args.task_file)
+        task = custom_task(_custom_name(args, [t.name for t in tasks]), args.kind, records)
+        jobs.append((task, _checked_records(task, args.task_file, args, records)))
     return jobs, missing
 
 
-def _checked_records(evaluate, task, path, args, records=None) -> list[dict]:
+def _checked_records(task, path, args, records=None) -> list[dict]:
     """A task file's records, answers (and choices, for loglik) checked, cut to --limit."""
-    records = records if records is not None else evaluate.read_records(path)
-    evaluate.check_answers(task, records, path)
-    if args.scoring == "loglik" and task.kind != evaluate.NUMBER:
-        evaluate.check_candidates(task, records, path)
+    records = records if records is not None else read_records(path)
+    check_answers(task, records, path)
+    if args.scoring == "loglik" and task.kind != NUMBER:
+        check_candidates(task, records, path)
     return records[: args.limit]
 
 

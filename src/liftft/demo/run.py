@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from liftft.demo_base import DemoSettings, base_path, get_base
-from liftft.demo_report import DEMO_METHODS, plot, table
+from liftft.demo.base import DemoSettings, base_path, get_base
+from liftft.demo.report import DEMO_METHODS, plot, table
 from liftft.evaluate import custom_task, evaluate_task
 from liftft.train import TrainArgs, resolve_device, run_training
 

@@ -1,5 +1,5 @@
 """The demo's base model: a tokenizer and a small Llama pretrained on the source
-domain of `liftft.demo_data`, cached on disk so that only the first run pays for it."""
+domain of `liftft.demo.data`, cached on disk so that only the first run pays for it."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from tokenizers.processors import TemplateProcessing
 from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from liftft.demo_data import World, corpus_texts, make_source, make_target, make_world, pretraining_records
+from liftft.demo.data import World, corpus_texts, make_source, make_target, make_world, pretraining_records
 from liftft.template import build_prompt, encode_prompt
 
 # Bump when the pretraining recipe changes in a way the settings do not show.
@@ -190,7 +190,7 @@ def pretrain(settings: BaseSettings, device: str | torch.device = "cpu", progres
     sequences = [encode_record(tokenizer, r) for r in records]
     torch.manual_seed(settings.seed)
     model = build_model(settings, tokenizer, max(map(len, sequences))).to(device)
-    _train(model, sequences, tokenizer.pad_token_id, settings, device, progress)
+    train_on_sequences(model, sequences, tokenizer.pad_token_id, settings, device, progress)
     return model.eval(), tokenizer, time.perf_counter() - start
 
 
@@ -249,8 +249,9 @@ def build_model(settings: BaseSettings, tokenizer, max_length: int) -> LlamaForC
     return LlamaForCausalLM(config)
 
 
-def _train(model, sequences, pad_id: int, settings: BaseSettings, device, progress: bool) -> None:
-    """AdamW with linear warm-up and cosine decay, loss on every token."""
+def train_on_sequences(model, sequences, pad_id: int, settings: BaseSettings, device, progress: bool) -> None:
+    """Pretrain ``model`` in place on ``sequences`` (lists of token ids) for ``settings.pretrain_steps``
+    steps: AdamW with linear warm-up and cosine decay, loss on every token."""
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, settings.pretrain_steps // 20)
