@@ -40,6 +40,19 @@ def tiny_llama(seed: int = 0, vocab_size: int = 512, dtype=torch.float32, **over
     return LlamaForCausalLM(LlamaConfig(**cfg)).to(dtype)
 
 
+class Square(torch.nn.Module):
+    """One bias-free Linear, ``proj``, holding ``weight``: a model whose single target is easy to reason about."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.proj(x)
+
+
 def train_and_save(tmp_path, tokenizer=None, dtype=torch.float32, steps=6, rank=1, update_interval=2):
     """Save a tiny base (and tokenizer) to tmp_path/base, train a copy with LIFT on its matrices and dense
     norms, save the delta to tmp_path/delta, and return the trained model."""

@@ -1,10 +1,13 @@
 """Every bad setting is refused before any work, with a message naming it."""
 
+import re
+
 import pytest
 from torch import nn
 
 from conftest import tiny_llama
 from liftft import LiftAdamW, LiftConfig
+from liftft.config import clip_norm
 
 
 @pytest.mark.parametrize(
@@ -58,7 +61,7 @@ def test_non_2d_target_rejected():
 
 @pytest.mark.parametrize(
     "kwargs,match",
-    [(dict(lr=-1.0), "lr must be"), (dict(betas=(0.9, 1.0)), "betas"), (dict(max_grad_norm=0.0), "max_grad_norm")],
+    [(dict(lr=-1.0), "lr must be"), (dict(betas=(0.9, 1.0)), "betas"), (dict(max_grad_norm=-1.0), "max_grad_norm")],
 )
 def test_bad_optimizer_hyperparameters(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -74,3 +77,19 @@ def test_dense_param_that_is_also_a_target():
     model = tiny_llama()
     with pytest.raises(ValueError, match="both a LIFT target and in dense_params"):
         LiftAdamW(model, LiftConfig(rank=1), dense_params=[model.model.layers[0].mlp.up_proj.weight])
+
+
+@pytest.mark.parametrize("value,want", [(None, None), (0, None), (0.0, None), (2, 2.0), (0.5, 0.5)])
+def test_clip_norm_reads_off_and_thresholds(value, want):
+    got = clip_norm(value)
+    assert got == want and type(got) is type(want)
+
+
+@pytest.mark.parametrize(
+    "value,error",
+    [(-1.0, ValueError), (-0.5, ValueError), (float("nan"), ValueError), (float("inf"), ValueError),
+     (float("-inf"), ValueError), (True, TypeError), (False, TypeError), ("1.0", TypeError), ([1.0], TypeError)],
+)
+def test_clip_norm_refuses_naming_the_value(value, error):
+    with pytest.raises(error, match=f"max_grad_norm .*got {re.escape(repr(value))}$"):
+        clip_norm(value)

@@ -169,3 +169,48 @@ def test_a_newer_format_is_refused_by_name(tmp_path):
     (tmp_path / "liftft.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="has delta format 4, newer than this liftft reads \\(3\\)"):
         load_delta(tmp_path)
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.bfloat16, 2.0**-30), (torch.float32, 2.0**-60)])
+def test_entries_that_shrank_far_below_their_base_are_stored_exactly(tmp_path, dtype, tiny):
+    """base + (final - base) rounds such an entry to 0 in any width liftft stores differences in."""
+    def base_model():
+        model = tiny_llama(dtype=dtype)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight[0, :3] = 1.0
+            model.model.norm.weight[:2] = 1.0
+        return model
+
+    trained = base_model()
+    target = trained.model.layers[0].mlp.down_proj.weight
+    dense_cfg = LiftConfig(rank=None, density=1.0, update_interval=None, target_modules=["down_proj"])
+    opt = LiftAdamW(trained, dense_cfg, dense_params=[trained.model.norm.weight])
+    trained(input_ids=torch.arange(3, 13)[None], labels=torch.arange(3, 13)[None]).loss.backward()
+    opt.step()  # the dense param gets its state, base included
+    with torch.no_grad():  # as if training had moved them there
+        target[0, :3] = torch.tensor([tiny, -tiny, 3 * tiny])
+        trained.model.norm.weight[:2] = torch.tensor([tiny, -tiny])
+    save_delta(opt, tmp_path)
+    meta = json.loads((tmp_path / "liftft.json").read_text())
+    assert meta["format_version"] == 3
+    delta = load_delta(tmp_path)
+    assert delta.exact["model.layers.0.mlp.down_proj.weight"][0].tolist() == [0, 1, 2]
+    assert delta.exact["model.norm.weight"][0].tolist() == [0, 1]
+    rebuilt = apply_delta(base_model(), tmp_path)
+    for (name, a), b in zip(rebuilt.named_parameters(), trained.parameters()):
+        assert torch.equal(a.view(torch.int16 if a.element_size() == 2 else torch.int32),
+                           b.view(torch.int16 if b.element_size() == 2 else torch.int32)), name
+
+
+def test_damaged_exact_values_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from liftft.delta import DELTA_FILE
+
+    test_entries_that_shrank_far_below_their_base_are_stored_exactly(tmp_path, torch.bfloat16, 2.0**-30)
+    tensors = load_file(tmp_path / DELTA_FILE)
+    name = "model.layers.0.mlp.down_proj.weight"
+    tensors[f"{name}.exact_positions"] = torch.tensor([0, 1, 10**6])
+    save_file(tensors, tmp_path / DELTA_FILE)
+    with pytest.raises(ValueError, match=f"{name}'s exact values do not match its .* entries; the file is damaged"):
+        load_delta(tmp_path)

@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -125,6 +126,13 @@ def _rank_main(rank: int, store: str, out: str) -> None:
         _ddp_wrapped(rank, mine, out)
         _broadcast(rank, out)
         _fsdp2(rank, mine, out)
+        _fsdp2_shard_without_entries(rank, mine, out)
+    except BaseException:
+        # Printed now: tearing the group down under a rank that failed mid-collective can abort the process
+        # before Python would print the traceback.
+        traceback.print_exc()
+        sys.stderr.flush()
+        raise
     finally:
         dist.destroy_process_group()
 
@@ -167,7 +175,7 @@ def _fsdp2(rank, rows, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from liftft.distributed import sharded_delta
+    from liftft.delta import sharded_delta
 
     model = tiny_llama(seed=0, **SHAPE)
     mesh = init_device_mesh("cpu", (WORLD,))
@@ -182,6 +190,35 @@ def _fsdp2(rank, rows, out):
     record.update({f"delta.values.{n}": values for n, (_, values) in delta.entries.items()})
     save_file(record, f"{out}/fsdp2-{rank}.safetensors")
     Path(f"{out}/fsdp2-meta-{rank}.json").write_text(json.dumps(delta.meta["weights"]))
+
+
+EMPTY_SHARD_TARGET = "model.layers.0.self_attn.o_proj.weight"  # 32 x 32: rows 0-15 on rank 0, 16-31 on rank 1
+
+
+def _fsdp2_shard_without_entries(rank, rows, out):
+    """Rank 1 holds no selected entry of a matrix at first and most of them after a refresh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = tiny_llama(seed=0, **SHAPE)
+    with torch.no_grad():
+        model.get_parameter(EMPTY_SHARD_TARGET)[:16] *= 100  # the magnitude top-k lies in rank 0's rows
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    opt = LiftAdamW(model, lift_config(selector="magnitude", target_modules=["o_proj"], update_interval=None), **HP)
+    record = {"initial_count": torch.tensor(opt.state_of(EMPTY_SHARD_TARGET)["exp_avg"].numel())}
+    train(model, opt, rows)
+    if rank == 1:
+        with torch.no_grad():
+            model.get_parameter(EMPTY_SHARD_TARGET).to_local().mul_(1e4)  # now the top-k lies in rank 1's rows
+    opt.refresh()
+    record["refreshed_count"] = torch.tensor(opt.state_of(EMPTY_SHARD_TARGET)["exp_avg"].numel())
+    record["refreshed"] = global_indices(model, opt, EMPTY_SHARD_TARGET)
+    record["refreshed_weight"] = whole(model.get_parameter(EMPTY_SHARD_TARGET).detach())
+    train(model, opt, rows)
+    save_file(record, f"{out}/empty-shard-{rank}.safetensors")
 
 
 @pytest.fixture(scope="module")
@@ -300,6 +337,17 @@ def test_fsdp2_shards_train_like_one_process(ranks, one_thread):
         assert sum(counts) == selected.numel()
 
 
+def test_fsdp2_refresh_of_a_rank_whose_shard_held_no_entries(ranks):
+    records = load_ranks(ranks, "empty-shard")
+    k = (32 + 32) * 2
+    assert [int(r["initial_count"]) for r in records] == [k, 0]
+    assert torch.equal(records[0]["refreshed"], records[1]["refreshed"])
+    refreshed = records[0]["refreshed"]
+    assert torch.equal(refreshed.long(), select_indices(records[0]["refreshed_weight"], k, "magnitude").long())
+    assert [int(r["refreshed_count"]) for r in records] == [int((refreshed < 16 * 32).sum()), int((refreshed >= 16 * 32).sum())]
+    assert int(records[1]["refreshed_count"]) > 0
+
+
 def test_local_indices_of_a_simulated_shard():
     # A 5x4 matrix split 3 / 2 rows: the second shard holds global rows 3 and 4, flat 12..19.
     selected = torch.tensor([0, 5, 9, 14, 19], dtype=torch.int32)
@@ -377,8 +425,8 @@ def test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate(base
 
     # The same global batch in one process: 2 examples per micro-batch instead of 1 on each of 2 ranks.
     single = tmp_path / "single"
-    run_training(TrainArgs(model=str(base_dir), data=[str(data_file)], output=str(single), epochs=None,
-                           batch_size=WORLD, progress=False, **CLI_SETTINGS))
+    run_training(TrainArgs.from_flat(model=str(base_dir), data=[str(data_file)], output=str(single), epochs=None,
+                                     batch_size=WORLD, progress=False, **CLI_SETTINGS))
     reference = load_delta(single)
     for name, (idx, values) in reference.entries.items():
         assert torch.equal(first.entries[name][0], idx)
@@ -390,5 +438,5 @@ def test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate(base
     resumed = load_delta(out)
     assert all(torch.equal(resumed.entries[n][1], first.entries[n][1]) for n in first.entries)
     with pytest.raises(ValueError, match=f"on {WORLD} processes"):
-        run_training(TrainArgs(model=str(base_dir), data=[str(data_file)], output=str(out), epochs=None,
-                               batch_size=1, progress=False, resume=True, **CLI_SETTINGS))
+        run_training(TrainArgs.from_flat(model=str(base_dir), data=[str(data_file)], output=str(out), epochs=None,
+                                         batch_size=1, progress=False, resume=True, **CLI_SETTINGS))

@@ -5,6 +5,7 @@ The kernel runs on CUDA, or without a GPU in Triton's interpreter on CPU tensors
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -168,3 +169,56 @@ def test_backward_and_step_never_wait_for_the_gpu(fused, monkeypatch):
         opt.zero_grad()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def train_fp16(model, steps=3):
+    ids = torch.randint(3, 512, (4, 12), device=DEVICE, generator=torch.Generator(device=DEVICE).manual_seed(0))
+    opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4, update_interval=None), lr=1e-2, max_grad_norm=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return model
+
+
+def wrong_learning_rate(kernel):
+    """``kernel`` with a planted mistake: twice the learning rate (argument 9 of sparse_adamw_step)."""
+    return lambda *args, **kw: kernel(*args[:9], 2 * args[9], *args[10:], **kw)
+
+
+def raising(*args, **kw):
+    raise RuntimeError("planted launch failure")
+
+
+@needs_kernel
+@pytest.mark.parametrize("planted,mismatch", [(wrong_learning_rate, "(master|weight) differs by up to"),
+                                              (lambda kernel: raising, "the kernel raised RuntimeError: planted")])
+def test_a_wrong_kernel_is_caught_at_its_first_step_and_the_torch_path_takes_over(planted, mismatch, monkeypatch):
+    import warnings
+
+    from liftft import functional
+
+    monkeypatch.setattr(functional, "KERNEL_VERDICTS", {})
+    if DEVICE == "cpu":  # on the CPU only a test lets the interpreted kernels in
+        monkeypatch.setattr(functional, "kernels_possible", lambda t: True)
+    monkeypatch.setattr(kernels, "sparse_adamw_step", planted(kernels.sparse_adamw_step))
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    base = tiny_llama(dtype=dtype).to(DEVICE)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fallen_back = train_fp16(copy.deepcopy(base))
+    disagreements = [w for w in caught if issubclass(w.category, RuntimeWarning) and "disagree" in str(w.message)]
+    assert len(disagreements) == 1, "warn once per device and dtype"
+    assert re.search(mismatch, str(disagreements[0].message))
+    monkeypatch.setattr(functional, "kernels_possible", lambda t: False)
+    torch_path = train_fp16(copy.deepcopy(base))
+    for (name, a), b in zip(fallen_back.named_parameters(), torch_path.parameters()):
+        assert torch.equal(a, b), name
+
+
+@needs_kernel
+def test_the_real_kernels_pass_their_check():
+    from liftft import functional
+
+    for dtype in (torch.float32, torch.float16) if DEVICE == "cpu" else (torch.float32, torch.bfloat16, torch.float16):
+        assert functional.kernel_mismatch(DEVICE, dtype) is None, dtype

@@ -38,3 +38,25 @@ def test_columns_widen_past_int16():
     assert columns.dtype == torch.int32 and columns.tolist() == [n - 1, 2**15]
     assert torch.equal(expand(row_offsets, columns, n), flat)
     assert compress(torch.tensor([2**15 - 1]), (1, 2**15))[1].dtype == torch.int16
+
+
+SETS = [([], []), ([], [1, 4]), ([2, 5], []), ([1, 3, 5], [0, 3, 4, 5, 9]), ([7], [7]), ([0, 2], [1, 3])]
+
+
+@pytest.mark.parametrize("old,new", SETS)
+def test_sorted_set_operations_against_python_sets_including_empty_sides(old, new):
+    from liftft.layout import carry_over, difference, find_sorted, merge_sorted
+
+    a, b = torch.tensor(old, dtype=torch.int64), torch.tensor(new, dtype=torch.int64)
+    position, found = find_sorted(a, b)
+    assert found.tolist() == [x in old for x in new]
+    assert [old[i] for i, f in zip(position.tolist(), found.tolist()) if f] == [x for x in new if x in old]
+
+    old_values = torch.tensor([10.0 * x for x in old])
+    carried = carry_over(a, old_values, b, torch.full((len(new),), -1.0))
+    assert carried.tolist() == [10.0 * x if x in old else -1.0 for x in new]
+
+    added = difference(b, a)
+    assert added.tolist() == sorted(set(new) - set(old))
+    merged, values = merge_sorted(a, old_values, added, 10.0 * added.float())
+    assert merged.tolist() == sorted(set(old) | set(new)) and values.tolist() == [10.0 * x for x in merged.tolist()]

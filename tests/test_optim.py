@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import tiny_llama
+from conftest import Square, tiny_llama
 from liftft import LiftAdamW, LiftConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
@@ -108,17 +108,6 @@ def test_gradient_accumulation_matches_big_batch():
         loss_of(big).backward()
         opt_big.step()
     assert max_relative_error(small, big) < 1e-5
-
-
-class Square(nn.Module):
-    def __init__(self, weight):
-        super().__init__()
-        self.proj = nn.Linear(3, 3, bias=False)
-        with torch.no_grad():
-            self.proj.weight.copy_(weight)
-
-    def forward(self, x):
-        return self.proj(x)
 
 
 def test_refresh_carries_state_hand_computed():

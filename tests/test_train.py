@@ -8,20 +8,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import math_records
-from liftft import apply_delta, load_delta
+from liftft import LiftConfig, apply_delta, load_delta
 from liftft.checkpoint import LATEST, latest_checkpoint, load_checkpoint
-from liftft.cli import main
+from liftft.cli import build_parser, main
+from liftft.commands.train import train_args_from
 from liftft.data import DataCollator, encode_dataset
-from liftft.train import TrainArgs, TrainingDiverged, _Loop, run_training
+from liftft.loop import TrainingDiverged, TrainingLoop
+from liftft.train import TrainArgs, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
 LR = {"lift": 2e-2, "full": 2e-3, "lora": 3e-2}
+LIFT = LiftConfig(rank=2, filter_rank=4, update_interval=3)
 
 
 def args_for(base_dir, data_file, out, method="lift", **kw):
-    settings = dict(model=str(base_dir), data=[str(data_file)], output=str(out), method=method, rank=2,
-                    filter_rank=4, update_interval=3, lr=LR.get(method, 2e-2), max_steps=8, epochs=None,
+    settings = dict(model=str(base_dir), data=[str(data_file)], output=str(out), method=method, lift=LIFT,
+                    lr=LR.get(method, 2e-2), max_steps=8, epochs=None,
                     batch_size=2, grad_accum=2, max_seq_len=192, warmup_ratio=0.0, progress=False, seed=7)
     settings.update(kw)
     return TrainArgs(**settings)
@@ -83,17 +86,17 @@ def test_resume_equals_uninterrupted(base_dir, data_file, tmp_path, monkeypatch)
     run_training(args_for(base_dir, data_file, straight, save_steps=2))
 
     interrupted = tmp_path / "interrupted"
-    original = _Loop._train_step
+    original = TrainingLoop.train_step
 
     def dies_at_step_5(self, micro):
         if self.step == 5:
             raise KeyboardInterrupt
         return original(self, micro)
 
-    monkeypatch.setattr(_Loop, "_train_step", dies_at_step_5)
+    monkeypatch.setattr(TrainingLoop, "train_step", dies_at_step_5)
     with pytest.raises(KeyboardInterrupt):
         run_training(args_for(base_dir, data_file, interrupted, save_steps=2))
-    monkeypatch.setattr(_Loop, "_train_step", original)
+    monkeypatch.setattr(TrainingLoop, "train_step", original)
     assert latest_checkpoint(interrupted).name == "step-00000004"
     run_training(args_for(base_dir, data_file, interrupted, save_steps=2, resume=True))
     a, b = _final_delta(straight), _final_delta(interrupted)
@@ -131,13 +134,13 @@ def test_kill_during_checkpoint_leaves_previous_loadable(base_dir, data_file, tm
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(base_dir, data_file, tmp_path, monkeypatch):
     out = tmp_path / "nan"
-    original = _Loop._loss_sum
+    original = TrainingLoop.loss_sum
 
     def nan_at_step_3(self, batch):
         loss = original(self, batch)
         return loss * float("nan") if self.step == 2 else loss
 
-    monkeypatch.setattr(_Loop, "_loss_sum", nan_at_step_3)
+    monkeypatch.setattr(TrainingLoop, "loss_sum", nan_at_step_3)
     with pytest.raises(TrainingDiverged, match="loss became nan at step 3; stopped. Last good checkpoint: .*step-00000002"):
         run_training(args_for(base_dir, data_file, out, save_steps=2))
     load_checkpoint(latest_checkpoint(out))
@@ -206,15 +209,26 @@ def test_missing_model(data_file, tmp_path, capsys):
     assert "no-model" in capsys.readouterr().err
 
 
+def one_step_cli_run(base_dir, data_file, out, *extra) -> list:
+    """Train one step through the CLI into ``out``; returns the flags, to run it again."""
+    flags = ["--model", base_dir, "--data", data_file, "--output", out, "--max-steps", "1", "--rank", "1",
+             "--filter-rank", "2", "--no-progress", *extra]
+    assert _cli(*flags) == 0
+    return flags
+
+
+def rewrite_recorded_args(out, keep) -> None:
+    """Keep only the recorded settings for which ``keep(name)`` holds, as an older liftft would have recorded them."""
+    record = json.loads((out / "run.json").read_text())
+    record["args"] = {k: v for k, v in record["args"].items() if keep(k)}
+    (out / "run.json").write_text(json.dumps(record))
+
+
 def test_output_dir_holding_another_run(base_dir, data_file, tmp_path, capsys):
     out = tmp_path / "o"
-    common = ["--model", base_dir, "--data", data_file, "--output", out, "--max-steps", "1", "--rank", "1",
-              "--filter-rank", "2", "--no-progress"]
-    assert _cli(*common) == 0
+    common = one_step_cli_run(base_dir, data_file, out)
     # A run recorded before a setting existed counts as having run with its default.
-    record = json.loads((out / "run.json").read_text())
-    del record["args"]["step_in_backward"]
-    (out / "run.json").write_text(json.dumps(record))
+    rewrite_recorded_args(out, lambda name: name != "step_in_backward")
     assert _cli(*common, "--lr", "0.5") == 2
     assert "holds a different run (differs in: lr)" in capsys.readouterr().err
     assert _cli(*common, "--lr", "0.5", "--step-in-backward", "--grad-accum", "1", "--max-grad-norm", "0") == 2
@@ -241,8 +255,93 @@ def test_other_peft_methods_start_from_the_base_function(method, base_dir, data_
 
     base = load_model(str(base_dir))
     reference = logits(base)
-    setup = setup_method(load_model(str(base_dir)), method, rank=2)
+    setup = setup_method(load_model(str(base_dir)), method, LIFT)
     # DoRA and PiSSA initialise so that the adapted model computes exactly what the base did.
     torch.testing.assert_close(logits(setup.model), reference, rtol=1e-4, atol=1e-4)
     _, metrics = run_training(args_for(base_dir, data_file, tmp_path / method, method, max_steps=2, lr=1e-3))
     assert metrics["trainable"] == setup.trainable and (tmp_path / method / "adapter" / "adapter_config.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["lift", "full"])
+def test_max_grad_norm_zero_trains_without_clipping(method, base_dir, data_file, tmp_path):
+    assert args_for(base_dir, data_file, tmp_path, method, max_grad_norm=0).max_grad_norm is None
+    trained = {norm: dict(run_training(args_for(base_dir, data_file, tmp_path / str(norm), method, max_steps=3,
+                                                max_grad_norm=norm))[0].named_parameters())
+               for norm in (0, None, 1e-3)}
+    assert all(torch.equal(trained[0][name], p) for name, p in trained[None].items())
+    # Clipping at 1e-3 does change the run, so the equality above is not vacuous.
+    assert not all(torch.equal(trained[1e-3][name], p) for name, p in trained[None].items())
+
+
+@pytest.mark.parametrize(
+    "kw,error,message",
+    [
+        (dict(lift=LiftConfig(selector="magnitude")), ValueError,
+         "LiftConfig.selector='magnitude' contradicts method 'lift', which selects principal"),
+        (dict(method="lora", lift=LiftConfig(selector="random")), ValueError,
+         "LiftConfig.selector='random' contradicts method 'lora', which selects nothing"),
+        (dict(lift=LiftConfig(seed=5)), ValueError, "lift.seed=5 contradicts seed=43"),
+        (dict(method="lora", lift=LiftConfig(rank=None, density=0.1)), ValueError, "density has no meaning for lora"),
+        (dict(lift={"rank": 2}), TypeError, "lift must be a LiftConfig, got dict"),
+        (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm must be a finite number > 0, or 0 or None"),
+    ],
+)
+def test_settings_that_contradict_the_run(kw, error, message):
+    with pytest.raises(error, match=message):
+        TrainArgs(model="m", data=["d"], output="o", **kw)
+
+
+def test_method_and_seed_fill_in_the_lift_config():
+    args = TrainArgs(model="m", data=["d"], output="o", method="principal-smallest",
+                     lift=LiftConfig(rank=3, selector="principal-smallest", seed=7), seed=7)
+    assert args.lift_config() == LiftConfig(rank=3, selector="principal-smallest", seed=7)
+    assert TrainArgs(model="m", data=["d"], output="o", method="random").lift_config() == LiftConfig(selector="random",
+                                                                                                    seed=43)
+
+
+def test_run_record_is_flat_and_round_trips(base_dir, data_file, tmp_path):
+    args = args_for(base_dir, data_file, tmp_path, method="magnitude", lift=LiftConfig(rank=None, density=0.25))
+    record = args.run_record()
+    assert (record["method"], record["density"], record["rank"], record["bias_correction"]) == ("magnitude", 0.25, None,
+                                                                                              "matrix")
+    assert "lift" not in record and "selector" not in record and record["seed"] == 7
+    assert TrainArgs.from_flat(**record, progress=False) == args
+
+
+def test_lift_flags_reach_the_optimizer(base_dir, data_file, tmp_path):
+    common = ["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(tmp_path)]
+    assert train_args_from(build_parser().parse_args(common)).lift.bias_correction == "matrix"
+    args = train_args_from(build_parser().parse_args([*common, "--bias-correction", "entry", "--density", "0.1"]))
+    assert args.lift == LiftConfig(rank=None, density=0.1, bias_correction="entry")
+
+    one_step_cli_run(base_dir, data_file, tmp_path / "o", "--method", "magnitude", "--seed", "5",
+                     "--bias-correction", "entry")
+    config = load_delta(tmp_path / "o").meta["config"]
+    assert (config["selector"], config["seed"], config["bias_correction"], config["rank"]) == ("magnitude", 5, "entry", 1)
+
+
+# Every setting liftft recorded in run.json before TrainArgs held a LiftConfig, flat.
+OLD_RECORD = {"model", "data", "output", "method", "rank", "density", "filter_rank", "update_interval", "target_modules",
+              "lr", "epochs", "max_steps", "batch_size", "grad_accum", "max_seq_len", "warmup_ratio", "scheduler",
+              "weight_decay", "max_grad_norm", "step_in_backward", "bf16", "gradient_checkpointing", "val_size",
+              "template", "seed", "svd", "device"}
+
+
+def test_run_recorded_by_an_older_liftft_resumes(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "o"
+    common = one_step_cli_run(base_dir, data_file, out)
+    recorded = json.loads((out / "run.json").read_text())["args"]
+    assert set(recorded) == OLD_RECORD | {"bias_correction", "exclude_modules", "master_weights", "sampled_grad"}
+    rewrite_recorded_args(out, lambda name: name in OLD_RECORD)
+    # The settings the older liftft did not record count as their defaults: bias correction per matrix.
+    assert _cli(*common, "--resume", "--bias-correction", "entry") == 2
+    assert "holds a different run (differs in: bias_correction)" in capsys.readouterr().err
+    assert _cli(*common, "--resume") == 0
+
+
+def test_output_dir_holding_something_else(base_dir, data_file, tmp_path, capsys):
+    (tmp_path / "notes.txt").write_text("not a run")
+    assert _cli("--model", base_dir, "--data", data_file, "--output", tmp_path, "--max-steps", "1") == 2
+    assert f"output directory {tmp_path} is not empty and is not a previous liftft train run (no run.json)" in (
+        capsys.readouterr().err)
+    assert not (tmp_path / "run.json").exists()

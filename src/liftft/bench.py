@@ -22,7 +22,7 @@ import resource
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
@@ -314,12 +314,13 @@ def _set_up(method: str, model, s: BenchSettings):
         # Gradients flow from the embeddings' output, so the backward runs through every layer.
         model.enable_input_require_grads()
         return model, None, 0
+    # One config for every method, so LoRA's rank and targets are LIFT's.
+    cfg = LiftConfig(rank=s.rank, filter_rank=s.filter_rank, update_interval=None, svd="randomized", seed=s.seed)
     if method in LIFT_METHODS:
-        cfg = LiftConfig(rank=s.rank, filter_rank=s.filter_rank, update_interval=None, svd="randomized",
-                         sampled_grad=method == "lift-sampled", seed=s.seed)
+        cfg = replace(cfg, sampled_grad=method == "lift-sampled")
         optimizer = LiftAdamW(model, cfg, lr=LEARNING_RATE, step_in_backward=method == "lift-in-backward")
         return model, optimizer, optimizer.num_selected
-    setup = setup_method(model, method, rank=s.rank, lr=LEARNING_RATE, seed=s.seed)
+    setup = setup_method(model, method, cfg, lr=LEARNING_RATE)
     return setup.model, setup.optimizer, setup.trainable
 
 
@@ -335,7 +336,7 @@ def _timed_step(model, optimizer, ids, device) -> tuple[float, float]:
 
 def _lift_figures(optimizer, setup_s: float, device) -> dict:
     """Selection time at init (the optimizer's construction) and of one refresh, and bytes of state per entry."""
-    from liftft.optim import HOST_STATE
+    from liftft.target_state import HOST_STATE
 
     cuda = device.type == "cuda"
     if cuda:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from liftft.atomic import atomic_directory
+from liftft.outputs import check_output_dir
 
 MERGE_FILE = "liftft_merge.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -74,19 +75,3 @@ def _load_tokenizer_unchanged(base: str):
     except (OSError, ValueError) as err:
         raise FileNotFoundError(f"cannot load the tokenizer of base model {base!r}: {err}") from err
 
-
-def check_output_dir(output, marker: str, kind: str) -> Path:
-    """``output`` as a Path, after refusing an existing non-empty directory that lacks ``marker``.
-
-    ``marker`` is the file every output of this ``kind`` (e.g. "merge") holds,
-    so a previous output may be replaced while anything else is left alone.
-    """
-    output = Path(output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not (output / marker).is_file():
-        raise ValueError(
-            f"output directory {output} is not empty and is not a previous liftft {kind} (no {marker}); "
-            "choose another output or remove it"
-        )
-    return output

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from liftft.config import LiftConfig
+from liftft.config import LiftConfig, clip_norm
 from liftft.optim import LiftAdamW
 from liftft.targets import find_targets
 
@@ -15,52 +15,73 @@ SPARSE_SELECTORS = {"lift": "principal", "magnitude": "magnitude", "random": "ra
                     "principal-smallest": "principal-smallest"}
 PEFT_METHODS = ("lora", "dora", "pissa")
 METHODS = (*SPARSE_SELECTORS, "full", *PEFT_METHODS)
+# The LiftConfig default, which the method overrides; methods without a selector keep it.
+UNSET_SELECTOR = LiftConfig.selector
 
 
 @dataclass
 class MethodSetup:
-    """A model ready to train, with its optimizer and the number of trained values."""
+    """A model ready to train, with its optimizer and the number of trained values.
+
+    ``loop_clip_norm`` is the gradient-norm threshold the training loop must
+    clip at: None when nothing clips, and for the sparse methods, whose
+    optimizer clips the gathered gradients itself.
+    """
 
     model: nn.Module
     optimizer: torch.optim.Optimizer
     trainable: int
     kind: str  # "sparse", "full" or "peft"
+    loop_clip_norm: float | None = None
+
+
+def method_config(method: str, cfg: LiftConfig) -> LiftConfig:
+    """``cfg`` with the selector that ``method`` implies, after refusing settings that contradict ``method``.
+
+    The method decides the selector, so ``cfg.selector`` must be left at its
+    default ("principal", which stands for "not set") or name the method's own
+    selector. PEFT methods take their LoRA rank from ``cfg.rank`` and refuse
+    a ``density``; ``full`` ignores the budget.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    implied = SPARSE_SELECTORS.get(method, UNSET_SELECTOR)
+    if cfg.selector not in (UNSET_SELECTOR, implied):
+        raise ValueError(f"LiftConfig.selector={cfg.selector!r} contradicts method {method!r}, which selects "
+                         f"{implied if method in SPARSE_SELECTORS else 'nothing'}; choose the selector by the method")
+    if method in PEFT_METHODS and cfg.density is not None:
+        raise ValueError(f"density has no meaning for {method}; PEFT adapters take a rank (--rank)")
+    return replace(cfg, selector=implied)
 
 
 def setup_method(
     model: nn.Module,
     method: str,
+    cfg: LiftConfig,
     *,
-    rank: int | None = 128,
-    density: float | None = None,
-    filter_rank: int = 64,
-    update_interval: int | None = 400,
-    target_modules="all-linear",
     lr: float = 2e-4,
     weight_decay: float = 0.0,
     max_grad_norm: float | None = None,
     betas: tuple[float, float] = (0.9, 0.95),
-    svd: str = "randomized",
-    seed: int = 0,
     step_in_backward: bool = False,
 ) -> MethodSetup:
-    """Prepare ``model`` for ``method`` and build its optimizer.
+    """Prepare ``model`` for ``method`` with the budget and targets of ``cfg``, and build its optimizer.
 
     Sparse methods (lift, magnitude, random, principal-smallest) use
-    :class:`LiftAdamW` with that selector; ``full`` is torch AdamW over every
-    parameter (fused on CUDA); lora, dora and pissa are PEFT adapters with
-    r = ``rank``, alpha = 2r, on the same target modules, so a sparse method and
-    a LoRA of the same rank train the same number of values. The sparse
-    optimizer clips its own gradients with ``max_grad_norm``; for the others the
-    training loop clips. ``step_in_backward`` is passed to :class:`LiftAdamW`
-    (sparse methods only).
+    :class:`LiftAdamW` with that selector (see :func:`method_config`); ``full``
+    is torch AdamW over every parameter (fused on CUDA); lora, dora and pissa
+    are PEFT adapters with r = ``cfg.rank``, alpha = 2r, on ``cfg``'s target
+    modules, so a sparse method and a LoRA of the same rank train the same
+    number of values. ``max_grad_norm`` is read by
+    :func:`liftft.config.clip_norm` (0 or None: no clipping); the sparse
+    optimizer clips its own gathered gradients, for the others the training
+    loop clips at ``MethodSetup.loop_clip_norm``. ``step_in_backward`` is
+    passed to :class:`LiftAdamW` (sparse methods only).
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    cfg = method_config(method, cfg)
+    clip = clip_norm(max_grad_norm)
     if method in SPARSE_SELECTORS:
-        cfg = LiftConfig(rank=rank, density=density, filter_rank=filter_rank, update_interval=update_interval,
-                         selector=SPARSE_SELECTORS[method], svd=svd, target_modules=target_modules, seed=seed)
-        opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
+        opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=clip,
                         step_in_backward=step_in_backward)
         return MethodSetup(model, opt, opt.num_selected, "sparse")
     if step_in_backward:
@@ -69,12 +90,10 @@ def setup_method(
         for p in model.parameters():
             p.requires_grad_(True)
         opt = _adamw(list(model.parameters()), lr, betas, weight_decay)
-        return MethodSetup(model, opt, sum(p.numel() for p in model.parameters()), "full")
-    if density is not None:
-        raise ValueError(f"--density has no meaning for {method}; PEFT adapters take --rank")
-    model = _peft_model(model, method, rank, target_modules)
+        return MethodSetup(model, opt, sum(p.numel() for p in model.parameters()), "full", clip)
+    model = _peft_model(model, method, cfg.rank, cfg.target_modules)
     params = [p for p in model.parameters() if p.requires_grad]
-    return MethodSetup(model, _adamw(params, lr, betas, weight_decay), sum(p.numel() for p in params), "peft")
+    return MethodSetup(model, _adamw(params, lr, betas, weight_decay), sum(p.numel() for p in params), "peft", clip)
 
 
 def _adamw(params, lr, betas, weight_decay) -> torch.optim.AdamW:

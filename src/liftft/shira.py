@@ -36,7 +36,8 @@ def export_shira(delta_dir: str, output: str, *, base: str | None = None) -> Pat
     from liftft.delta import check_compatible, load_delta
     from liftft.hf import check_model_path, load_model
     from liftft.atomic import atomic_directory
-    from liftft.merge import check_output_dir, recorded_dtype
+    from liftft.merge import recorded_dtype
+    from liftft.outputs import check_output_dir
 
     delta = load_delta(delta_dir)
     output = check_output_dir(output, SHIRA_FILE, "SHiRA export")

@@ -6,6 +6,7 @@ import argparse
 import os
 
 from liftft.commands import target_modules_arg
+from liftft.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
 from liftft.methods import METHODS
 
 
@@ -29,7 +30,12 @@ def register(subparsers) -> None:
     p.add_argument("--filter-rank", type=int, default=64, help="rank of the SVD approximation LIFT selects from")
     p.add_argument("--update-interval", type=int, default=400,
                    help="optimizer steps between selection refreshes; 0 never refreshes")
-    p.add_argument("--svd", default="randomized", choices=("randomized", "exact"), help="SVD used for selection")
+    p.add_argument("--svd", default="randomized", choices=SVD_METHODS, help="SVD used for selection")
+    p.add_argument("--bias-correction", default="matrix", choices=BIAS_CORRECTIONS,
+                   help="sparse methods: whose step count AdamW's bias correction uses. matrix (default, the paper's): the "
+                   "matrix's, so an entry newly selected at a refresh starts with zero moments but a large step count "
+                   "and its first steps exceed lr (about 1.1x under betas (0.9, 0.95)); entry: each entry counts its "
+                   "steps from the refresh that selected it, like a fresh AdamW, at 1 byte more per trained entry")
     p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="all-linear, mlp, attn, a comma-separated list of module-name suffixes, or a regex")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
@@ -42,7 +48,7 @@ def register(subparsers) -> None:
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
     p.add_argument("--scheduler", default="linear", choices=("linear", "cosine", "constant"), help="lr decay after warmup")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm; 0 disables")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip the global gradient norm at this value; 0 disables")
     p.add_argument("--step-in-backward", action="store_true",
                    help="sparse methods: apply each matrix's update as soon as backward produces its gradient, so no "
                    "gathered gradients are kept (4 bytes per trained entry less at the peak; same result). Needs "
@@ -71,17 +77,20 @@ def train_args_from(args):
         raise ValueError("--rank and --density contradict each other: give one")
     if args.epochs is not None and args.max_steps is not None:
         raise ValueError("--epochs and --max-steps contradict each other: give one")
+    lift = LiftConfig(
+        rank=args.rank if args.rank is not None or args.density is not None else LiftConfig.rank,
+        density=args.density, filter_rank=args.filter_rank, update_interval=args.update_interval or None,
+        svd=args.svd, target_modules=args.target_modules, bias_correction=args.bias_correction,
+    )
     return TrainArgs(
-        model=args.model, data=args.data, output=args.output, method=args.method,
-        rank=args.rank if args.rank is not None or args.density is not None else 128, density=args.density,
-        filter_rank=args.filter_rank, update_interval=args.update_interval or None, svd=args.svd,
-        target_modules=args.target_modules, lr=args.lr,
+        model=args.model, data=args.data, output=args.output, method=args.method, lift=lift, lr=args.lr,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 3, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
         warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm or None, step_in_backward=args.step_in_backward, bf16=args.bf16, gradient_checkpointing=args.gradient_checkpointing,
-        val_size=args.val_size, template=args.template, seed=args.seed, resume=args.resume, merge=args.merge,
-        save_steps=args.save_steps, device=args.device, progress=args.progress,
+        max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, bf16=args.bf16,
+        gradient_checkpointing=args.gradient_checkpointing, val_size=args.val_size, template=args.template,
+        seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps, device=args.device,
+        progress=args.progress,
     )
 
 

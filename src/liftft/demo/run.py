@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
+from liftft.config import LiftConfig
 from liftft.demo.base import DemoSettings, base_path, get_base
 from liftft.demo.report import DEMO_METHODS, plot, table
-from liftft.evaluate import custom_task, evaluate_task
+from liftft.eval import custom_task, evaluate_task
 from liftft.train import TrainArgs, resolve_device, run_training
 
 # Each method's best target accuracy on seed 0 over the grid in docs/demo.md (full: 1e-3, 3e-3; the others:
@@ -76,10 +77,10 @@ def _fine_tune(method, settings, data_file, output, device, seed, evaluate, prog
     shutil.rmtree(run_dir, ignore_errors=True)
     args = TrainArgs(
         model=str(base_path(settings.base)), data=[str(data_file)], output=str(run_dir), method=method,
-        rank=RANK, filter_rank=FILTER_RANK, update_interval=UPDATE_INTERVAL, lr=LEARNING_RATES[method],
-        epochs=None, max_steps=settings.finetune_steps, batch_size=settings.finetune_batch_size, grad_accum=1,
-        max_seq_len=256, warmup_ratio=0.05, scheduler="linear", max_grad_norm=1.0, bf16=False, seed=seed,
-        save_steps=None, device=str(device), progress=progress, svd="exact",
+        lift=LiftConfig(rank=RANK, filter_rank=FILTER_RANK, update_interval=UPDATE_INTERVAL, svd="exact"),
+        lr=LEARNING_RATES[method], epochs=None, max_steps=settings.finetune_steps,
+        batch_size=settings.finetune_batch_size, grad_accum=1, max_seq_len=256, warmup_ratio=0.05, scheduler="linear",
+        max_grad_norm=1.0, bf16=False, seed=seed, save_steps=None, device=str(device), progress=progress,
     )
     with peak_memory(device) as peak:
         model, metrics = run_training(args)

@@ -1,0 +1,185 @@
+"""The training loop of `liftft train`: seeded micro-batch order, accumulation, clipping, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from liftft import distributed
+from liftft.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from liftft.data import IGNORE_INDEX, DataCollator
+from liftft.delta import apply_delta, delta_from_optimizer, write_delta
+
+logger = logging.getLogger("liftft")
+
+LOG_FILE = "train_log.jsonl"
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or inf."""
+
+
+class TrainingLoop:
+    """Steps over micro-batches in a seeded order; checkpoints and resumes at step boundaries.
+
+    :func:`liftft.train.run_training` builds one per run from its ``TrainArgs``
+    ``args``, the :class:`liftft.methods.MethodSetup` ``setup`` and the encoded
+    ``examples``. ``train_step`` (one optimizer step) and ``loss_sum`` (one
+    forward) are its seams: wrapping them interrupts or corrupts a run at a
+    chosen ``step``.
+    """
+
+    def __init__(self, args, model, setup, examples, pad_token_id, device, bf16):
+        self.args, self.model, self.setup = args, model, setup
+        self.optimizer = setup.optimizer
+        self.examples = examples
+        self.collate = DataCollator(pad_token_id)
+        self.device = device
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        # Each of the world's ranks takes batch_size examples of every micro-batch.
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        self.micro_per_epoch = math.ceil(len(examples) / (args.batch_size * self.world))
+        self.steps_per_epoch = math.ceil(self.micro_per_epoch / args.grad_accum)
+        self.total_steps = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
+        from transformers import get_scheduler
+
+        name = "constant_with_warmup" if args.scheduler == "constant" else args.scheduler
+        self.scheduler = get_scheduler(name, self.optimizer,
+                                       num_warmup_steps=math.ceil(args.warmup_ratio * self.total_steps),
+                                       num_training_steps=self.total_steps)
+        self.step = 0
+        self.tokens = 0
+        self.elapsed = 0.0
+        self.out = Path(args.output)
+
+    def maybe_resume(self) -> None:
+        """With ``args.resume``, continue from the latest checkpoint in the output dir, if there is one."""
+        checkpoint = latest_checkpoint(self.out) if self.args.resume else None
+        if checkpoint is None:
+            return
+        tensors, state = load_checkpoint(checkpoint)
+        if self.setup.kind == "sparse":
+            apply_delta(self.model, checkpoint)
+        else:
+            self.model.load_state_dict(tensors, strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
+        logger.info("resumed from %s at step %d", checkpoint, self.step)
+        if self.is_main:
+            print(f"liftft train: resumed from {checkpoint} at step {self.step}")
+
+    def run(self) -> dict:
+        """Train up to the last step, logging each and checkpointing every ``save_steps``; returns the metrics."""
+        args = self.args
+        self.model.train()
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {args.method}",
+                   disable=not args.progress or not self.is_main)
+        loss = float("nan")
+        start = time.perf_counter() - self.elapsed
+        while self.step < self.total_steps:
+            lr = self.scheduler.get_last_lr()[0]
+            loss, tokens = self.train_step(self._micro_batches(self.step))
+            if not math.isfinite(loss):
+                last = latest_checkpoint(self.out)
+                raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; stopped. "
+                                       f"Last good checkpoint: {last or 'none'}")
+            self.step += 1
+            self.tokens += tokens
+            self.elapsed = time.perf_counter() - start
+            self._log({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "seconds": round(self.elapsed, 3)})
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            bar.update(1)
+            if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps and self.is_main:
+                self.save()
+        bar.close()
+        return {"train_loss": loss, "steps": self.step, "tokens": self.tokens, "train_seconds": round(self.elapsed, 3)}
+
+    def _micro_batches(self, step: int) -> list[list[dict]]:
+        """The micro-batches of optimizer step ``step``: a function of the seed and the position alone."""
+        args = self.args
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
+        first = within * args.grad_accum
+        micro = range(first, min(first + args.grad_accum, self.micro_per_epoch))
+        size = args.batch_size * self.world
+        # This rank's slice of each global micro-batch; at an epoch's end it may be short or empty.
+        mine = [order[m * size:(m + 1) * size][self.rank * args.batch_size:(self.rank + 1) * args.batch_size] for m in micro]
+        return [[self.examples[i] for i in part.tolist()] for part in mine]
+
+    def train_step(self, micro_batches) -> tuple[float, int]:
+        """One optimizer step over this rank's ``micro_batches``: (mean loss per target token, tokens seen)."""
+        batches = [self.collate(b) for b in micro_batches if b]
+        # Token-weighted loss over the whole accumulated batch of all ranks, so accumulation and data
+        # parallelism equal one big batch; the gradients are then averaged over ranks, hence * world.
+        (n_tokens,) = distributed.sum_across_ranks([sum(int((b["labels"][:, 1:] != IGNORE_INDEX).sum()) for b in batches)])
+        total = 0.0
+        for batch in batches:
+            loss_sum = self.loss_sum(batch)
+            (loss_sum / n_tokens * self.world).backward()
+            total += loss_sum.item()
+        seen = sum(int(b["attention_mask"].sum()) for b in batches)
+        total, seen = distributed.sum_across_ranks([total, seen])
+        if self.setup.kind != "sparse" and self.world > 1:  # LiftAdamW averages its own gathered gradients
+            trained = [p for p in self.model.parameters() if p.requires_grad]
+            for p in trained:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            distributed.average_across_ranks([p.grad for p in trained])
+        if self.setup.loop_clip_norm is not None:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.setup.loop_clip_norm)
+        if math.isfinite(total):
+            self.optimizer.step()
+            self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total / max(n_tokens, 1), int(seen)
+
+    def loss_sum(self, batch) -> torch.Tensor:
+        """The summed next-token cross-entropy of one collated ``batch`` over its target tokens."""
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        with self.autocast:
+            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
+                               ignore_index=IGNORE_INDEX, reduction="sum")
+
+    @torch.no_grad()
+    def evaluate(self, examples) -> float:
+        """Token-averaged loss on ``examples``."""
+        self.model.eval()
+        total, count = 0.0, 0
+        for i in range(0, len(examples), self.args.batch_size):
+            batch = self.collate(examples[i:i + self.args.batch_size])
+            total += self.loss_sum(batch).item()
+            count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        self.model.train()
+        return total / max(count, 1)
+
+    def save(self) -> Path:
+        """Write a checkpoint of the trained values, optimizer, scheduler and position; returns its directory."""
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": torch.get_rng_state(), "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed}
+        if self.setup.kind == "sparse":
+            delta = delta_from_optimizer(self.optimizer)
+            path = save_checkpoint(self.out, self.step, tensors=None, write_extra=lambda d: write_delta(delta, d), state=state)
+        else:
+            trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            path = save_checkpoint(self.out, self.step, tensors=trained, state=state)
+        logger.info("checkpoint %s", path)
+        return path
+
+    def _log(self, record: dict) -> None:
+        if not self.is_main:
+            return
+        with open(self.out / LOG_FILE, "a") as f:
+            f.write(json.dumps(record) + "\n")
