@@ -7,7 +7,7 @@ of a gradient. Both run as liftft.kernels' Triton kernels on CUDA and as plain
 torch elsewhere; the torch path is the reference the kernels are tested
 against. This is torch.optim's own functional/fused split.
 
-The kernels have never been trusted blindly: the first time they would run on a
+The kernels are not trusted blindly: the first time they would run on a
 (device, dtype), :func:`kernel_mismatch` runs one small step through both paths.
 If the kernels raise or disagree beyond :data:`KERNEL_TOLERANCE`, liftft warns
 once, naming the mismatch, and uses the torch path there from then on.

@@ -94,7 +94,11 @@ class GradientGatherer:
         return self.buffers.get(key)
 
     def clear(self) -> None:
-        """Forget every gathered gradient (after a step, or on zero_grad)."""
+        """Forget every gathered gradient (on zero_grad)."""
+        self.buffers.clear()
+
+    def step_done(self) -> None:
+        """Forget every gathered gradient and which targets were updated in backward: a new step begins."""
         self.buffers.clear()
         self._handed_over.clear()
 

@@ -8,10 +8,10 @@ the k gathered fp32 gradients, the two moments and the fp32 master values (or,
 without masters, the selected weight entries), applies torch.optim.AdamW's
 update, and writes the moments, the masters and the selected weight entries,
 rounded to the weight's dtype, back. :func:`gather_selected` reads a dense
-gradient at the selected entries. The pure-torch paths of liftft.optim stay the
+gradient at the selected entries. The pure-torch paths of liftft.functional stay the
 CPU path and the reference these kernels are tested against (tests/test_kernels.py).
 
-Triton is imported here only; liftft.optim imports this module lazily, for
+Triton is imported here only; liftft.functional imports this module lazily, for
 CUDA parameters, so CPU-only installs never need it. With ``TRITON_INTERPRET=1``
 set before this module is imported, Triton's interpreter runs the same kernel
 on CPU tensors: that is how the kernel is tested on machines without a GPU.
@@ -28,7 +28,7 @@ import torch
 try:
     import triton
     import triton.language as tl
-except ImportError:  # CPU-only installs: liftft.optim keeps its torch path
+except ImportError:  # CPU-only installs: liftft.functional keeps its torch path
     triton = None
 
 # Whether @triton.jit below builds interpreted kernels; Triton decides at decoration, so it is read once here.
@@ -76,7 +76,7 @@ def sparse_adamw_step(
 
     The entries are those of :func:`liftft.layout.compress`'s ``(row_offsets,
     columns)`` in a matrix of ``n_columns`` columns. The update is
-    :func:`liftft.optim.adamw_update` applied to ``master`` (fp32, length k), or
+    :func:`liftft.functional.adamw_update` applied to ``master`` (fp32, length k), or
     to the selected entries of ``weight`` widened to fp32 when ``master`` is
     None; the new values go to ``master`` and, rounded to ``weight``'s dtype, to
     the weight. ``grad``, ``exp_avg`` and ``exp_avg_sq`` are contiguous fp32 of

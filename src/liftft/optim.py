@@ -16,7 +16,7 @@ from torch import nn
 
 from liftft import distributed
 from liftft.config import LiftConfig, clip_norm
-from liftft.functional import clip_coefficient, dense_adamw, sparse_adamw
+from liftft.functional import clip_coefficient, dense_adamw, sparse_adamw, use_kernels
 from liftft.gradients import GradientGatherer, remove_all
 from liftft.layout import index_dtype
 from liftft.selection import budget, iter_select_many, selection_seed
@@ -116,11 +116,7 @@ class LiftAdamW(torch.optim.Optimizer):
         return not self._gatherer.handles
 
     def indices(self, name: str) -> torch.Tensor:
-        """Current sorted flat indices of the target weight ``name`` (as in model.named_parameters()).
-
-        The state keeps them compressed (see :mod:`liftft.layout`); this rebuilds
-        them, int32 below 2**31 entries.
-        """
+        """Current sorted flat indices of target ``name``, rebuilt from the compressed state (int32 below 2**31)."""
         key = self._key(name)
         return flat_indices(self.state[key], key.shape[1]).to(index_dtype(key.numel()))
 
@@ -148,13 +144,9 @@ class LiftAdamW(torch.optim.Optimizer):
         return self._sharded[shard]
 
     def trained_entries(self, name: str):
-        """(indices, base values) of everything parameter ``name`` has trained, on the host.
-
-        For a target, the sorted flat indices of every entry ever selected (of
-        this rank's shard under FSDP2) and their values before training; for a
-        dense param, None and its whole value before training; None for a dense
-        param that has not been stepped yet.
-        """
+        """(indices, base values) on the host of all that parameter ``name`` has trained: for a target, every entry
+        ever selected (of this rank's shard under FSDP2); for a dense param, None and the whole value; None for a
+        dense param never stepped."""
         trained = {n: p for n, p, _ in self.trained_parameters()}
         if name not in trained:
             raise KeyError(f"{name!r} is not trained by this optimizer; trained: {', '.join(trained)}")
@@ -193,7 +185,7 @@ class LiftAdamW(torch.optim.Optimizer):
         if not self.step_in_backward:
             for key in self._keys.values():
                 self._step_target(key, self._gatherer.gathered(key), clip)
-        self._gatherer.clear()
+        self._gatherer.step_done()
         lift = self._lift_group
         lift["steps"] += 1
         if self.cfg.update_interval is not None and lift["steps"] % self.cfg.update_interval == 0:
@@ -342,4 +334,6 @@ def _trained_tensors(model: nn.Module, cfg: LiftConfig, dense_params):
         raise ValueError("dense_params are not supported with FSDP2-sharded targets; train them in another optimizer")
     if shards and cfg.sampled_grad:
         raise ValueError("sampled_grad does not work with FSDP2-sharded targets; use LiftConfig(sampled_grad=False)")
+    for p in (shards or targets).values():
+        use_kernels(p)  # the kernels' first-use check syncs with the device: run it now, never in a hook or step()
     return targets, dense, shards
