@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ LATEST = "LATEST"
 
 
 def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] | None, write_extra=None,
-                    state: dict) -> Path:
+                    state: dict, keep: int = 2) -> Path:
     """Write checkpoint ``step`` under ``output_dir``/checkpoints and point LATEST at it.
 
     ``tensors`` (trainable weights) go to weights.safetensors; ``write_extra(dir)``
@@ -23,7 +25,8 @@ def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] |
     tensors and plain values only) goes to state.pt, read back with
     ``weights_only=True``. Everything is written into a temporary directory that
     is renamed into place (:func:`liftft.atomic.atomic_directory`), then LATEST
-    is replaced atomically, then older checkpoints are removed.
+    is replaced atomically, then all but the newest ``keep`` checkpoints are
+    removed, so a bad step cannot take the only good state with it.
     """
     root = Path(output_dir) / CHECKPOINTS
     final = root / f"step-{step:08d}"
@@ -34,10 +37,15 @@ def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] |
             write_extra(tmp)
         torch.save(state, tmp / "state.pt")
     atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(final.name))
-    for old in root.iterdir():
-        if old.name not in (final.name, LATEST) and not old.name.startswith("."):
-            shutil.rmtree(old, ignore_errors=True)
+    for old in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoints(output_dir) -> list[Path]:
+    """The checkpoint directories under ``output_dir``/checkpoints, oldest first."""
+    root = Path(output_dir) / CHECKPOINTS
+    return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
 
 
 def latest_checkpoint(output_dir) -> Path | None:
@@ -56,3 +64,29 @@ def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor] | None, dict]:
     weights = path / "weights.safetensors"
     tensors = load_file(weights) if weights.is_file() else None
     return tensors, torch.load(path / "state.pt", weights_only=True)
+
+
+# What torch.save's C++ writer says when a write fails (a full disk, a vanished mount): it names neither.
+_WRITE_FAILURE = re.compile(r"file write failed|iostream|unexpected pos", re.IGNORECASE)
+
+
+@contextmanager
+def disk_errors_named(directory):
+    """Re-raise a failed write inside the block as an OSError naming ``directory`` and the space left on its disk."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and not _WRITE_FAILURE.search(str(err)):
+            raise
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).splitlines()[-1]
+        raise OSError(f"cannot write under {directory}: {reason} ({_free_space(directory)} free on its disk)") from err
+
+
+def _free_space(directory) -> str:
+    path = Path(directory)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return f"{shutil.disk_usage(path).free / 2**30:.2f} GiB"
+    except OSError:
+        return "unknown space"

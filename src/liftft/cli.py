@@ -6,6 +6,8 @@ import argparse
 import importlib
 import sys
 
+from liftft.errors import RunStopped
+
 # Each module defines register(subparsers); its parser sets `func`.
 COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "analyze", "bench", "demo")
 
@@ -29,9 +31,12 @@ def main(argv=None) -> int:
         return 0
     try:
         return args.func(args) or 0
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:  # bad input: a flag, a file, a directory, a disk
         print(f"liftft {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except RunStopped as err:
+        print(f"liftft {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

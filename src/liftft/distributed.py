@@ -4,7 +4,8 @@ LIFT's selection is a function of the weights, which every data-parallel rank
 holds identically, so only the k selected gradient values per matrix must be
 averaged across ranks. :class:`liftft.optim.LiftAdamW` and its gradient hooks
 (:mod:`liftft.gradients`) call into this module, which imports nothing of
-liftft's: it does collectives and the arithmetic of shards, nothing else.
+liftft's but its error types: it does collectives and the arithmetic of
+shards, nothing else.
 
 - unwrapped model (what ``liftft train`` uses): the optimizer averages the
   gathered length-k buffers and the dense params' gradients with
@@ -23,11 +24,17 @@ follow: :func:`reject_deepspeed` says so before any work.
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import sys
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+from liftft.errors import CollectiveTimeout
 
 
 # Gradients are averaged in fp32 buckets of at most this many values (128 MiB),
@@ -57,16 +64,56 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init_from_launcher(device_type: str) -> bool:
+def init_from_launcher(device_type: str, timeout_s: float | None = None) -> bool:
     """Join the process group a launcher set up (env RANK, WORLD_SIZE, MASTER_ADDR...); True if this call did.
 
-    NCCL on CUDA, gloo on CPU. Does nothing when not launched as several
-    processes or when a group already exists.
+    NCCL on CUDA, gloo on CPU; every collective waits at most ``timeout_s``
+    seconds (torch's default when None). Does nothing when not launched as
+    several processes or when a group already exists.
     """
     if not launched_distributed() or dist.is_initialized():
         return False
-    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo")
+    timeout = None if timeout_s is None else datetime.timedelta(seconds=timeout_s)
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", timeout=timeout)
     return True
+
+
+@contextmanager
+def named_timeouts(timeout_s: float):
+    """Turn a collective's timeout inside the block into :class:`CollectiveTimeout`, naming this rank and the limit."""
+    try:
+        yield
+    except RuntimeError as err:
+        if world_size() == 1 or not re.search(r"timed out|timeout", str(err), re.IGNORECASE):
+            raise
+        raise CollectiveTimeout(f"rank {rank()} of {world_size()} waited more than {timeout_s:g} s (--dist-timeout) "
+                                f"for the other processes, one of which stopped or hung; stopped "
+                                f"({str(err).splitlines()[0][-160:]})") from err
+
+
+def requested_processes(launcher_cmdline: list[str]) -> int | None:
+    """The process count a launcher's command line asked for (torchrun's --nproc-per-node times --nnodes,
+    or accelerate's --num_processes), or None when it names none."""
+    values = {}
+    for i, word in enumerate(launcher_cmdline):
+        name, _, inline = word.partition("=")
+        if name.replace("_", "-") in ("--nproc-per-node", "--nnodes", "--num-processes"):
+            value = inline or (launcher_cmdline[i + 1] if i + 1 < len(launcher_cmdline) else "")
+            if value.isdigit():
+                values[name.replace("_", "-")] = int(value)
+    if "--num-processes" in values:
+        return values["--num-processes"]
+    if "--nproc-per-node" in values:
+        return values["--nproc-per-node"] * values.get("--nnodes", 1)
+    return None
+
+
+def launcher_cmdline() -> list[str]:
+    """The command line of this process's parent (the launcher, if any), or [] where /proc cannot tell."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
 
 
 def barrier() -> None:

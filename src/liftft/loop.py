@@ -14,17 +14,14 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from liftft import distributed
-from liftft.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from liftft.checkpoint import disk_errors_named, latest_checkpoint, load_checkpoint, save_checkpoint
 from liftft.data import IGNORE_INDEX, DataCollator
 from liftft.delta import apply_delta, delta_from_optimizer, write_delta
+from liftft.errors import TrainingDiverged
 
 logger = logging.getLogger("liftft")
 
 LOG_FILE = "train_log.jsonl"
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or inf."""
 
 
 class TrainingLoop:
@@ -91,9 +88,7 @@ class TrainingLoop:
             lr = self.scheduler.get_last_lr()[0]
             loss, tokens = self.train_step(self._micro_batches(self.step))
             if not math.isfinite(loss):
-                last = latest_checkpoint(self.out)
-                raise TrainingDiverged(f"loss became {loss} at step {self.step + 1}; stopped. "
-                                       f"Last good checkpoint: {last or 'none'}")
+                raise TrainingDiverged(self._diverged(f"the loss became {loss} at step {self.step + 1}"))
             self.step += 1
             self.tokens += tokens
             self.elapsed = time.perf_counter() - start
@@ -103,6 +98,7 @@ class TrainingLoop:
             if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps and self.is_main:
                 self.save()
         bar.close()
+        self._refuse_nonfinite()
         return {"train_loss": loss, "steps": self.step, "tokens": self.tokens, "train_seconds": round(self.elapsed, 3)}
 
     def _micro_batches(self, step: int) -> list[list[dict]]:
@@ -166,17 +162,41 @@ class TrainingLoop:
         return total / max(count, 1)
 
     def save(self) -> Path:
-        """Write a checkpoint of the trained values, optimizer, scheduler and position; returns its directory."""
+        """Write a checkpoint of the trained values, optimizer, scheduler and position; returns its directory.
+
+        Raises :class:`TrainingDiverged` instead when a trained value is not
+        finite, so every checkpoint written holds a state worth resuming.
+        """
+        self._refuse_nonfinite()
         state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                  "rng": torch.get_rng_state(), "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed}
-        if self.setup.kind == "sparse":
-            delta = delta_from_optimizer(self.optimizer)
-            path = save_checkpoint(self.out, self.step, tensors=None, write_extra=lambda d: write_delta(delta, d), state=state)
-        else:
-            trained = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            path = save_checkpoint(self.out, self.step, tensors=trained, state=state)
+        keep = self.args.save_total_limit
+        with disk_errors_named(self.out):
+            if self.setup.kind == "sparse":
+                delta = delta_from_optimizer(self.optimizer)
+                path = save_checkpoint(self.out, self.step, tensors=None, write_extra=lambda d: write_delta(delta, d),
+                                       state=state, keep=keep)
+            else:
+                path = save_checkpoint(self.out, self.step, tensors=self._trained_tensors(), state=state, keep=keep)
         logger.info("checkpoint %s", path)
         return path
+
+    def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        if self.setup.kind == "sparse":
+            return {name: p for name, p, _ in self.optimizer.trained_parameters()}
+        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def _refuse_nonfinite(self) -> None:
+        for name, p in self._trained_tensors().items():
+            if not bool(torch.isfinite(p).all()):
+                raise TrainingDiverged(self._diverged(f"{name} holds non-finite values after step {self.step}, "
+                                                      "which no checkpoint or output will hold"))
+
+    def _diverged(self, what: str) -> str:
+        """One line for a diverged run: what happened, and the newest checkpoint, every one of which is finite."""
+        last = latest_checkpoint(self.out)
+        advice = " (its trained values are finite: resume from it with --resume and a lower --lr)" if last else ""
+        return f"training diverged: {what}; stopped. Last good checkpoint: {last or 'none'}{advice}"
 
     def _log(self, record: dict) -> None:
         if not self.is_main:

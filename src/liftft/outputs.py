@@ -3,25 +3,50 @@
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 
-def check_output_dir(output, marker: str, kind: str) -> Path:
+def check_output_dir(output, marker: str, kind: str, ignore: tuple[str, ...] = ()) -> Path:
     """``output`` as a Path, after refusing an existing non-empty directory that lacks ``marker``.
 
     ``marker`` is the file every output of this ``kind`` (e.g. "merge") holds,
     so a previous output may be replaced or continued while anything else is
-    left alone.
+    left alone. Files named in ``ignore`` (the caller's own lock) do not count.
     """
     output = Path(output).expanduser()
     if output.exists() and not output.is_dir():
         raise ValueError(f"output {output} exists and is not a directory")
-    if output.is_dir() and any(output.iterdir()) and not (output / marker).is_file():
+    if output.is_dir() and any(p.name not in ignore for p in output.iterdir()) and not (output / marker).is_file():
         raise ValueError(
             f"output directory {output} is not empty and is not a previous liftft {kind} (no {marker}); "
             "choose another output or remove it"
         )
     return output
+
+
+def check_writable_dir(directory, name: str) -> None:
+    """Raise ValueError, naming ``name`` (e.g. "--output") and ``directory``, unless files can be written in it.
+
+    Tried for real, by creating the directory and a temporary file in it,
+    since permission bits do not tell (root, read-only mounts, ACLs). The file
+    and the directories the probe created are removed again, so a run that
+    fails later leaves nothing behind.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"{name} {directory} exists and is not a directory")
+    # Deepest first, the order in which they can be removed.
+    created = [path for path in (directory, *directory.parents) if not path.exists()]
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=directory).close()
+    except OSError as err:
+        raise ValueError(f"{name} {directory} cannot be written: {err.strerror or err}") from err
+    finally:
+        for path in created:
+            if path.is_dir():
+                path.rmdir()
 
 
 def differing_settings(recorded: dict, current: dict, defaults: dict) -> list[str]:

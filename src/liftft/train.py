@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from dataclasses import MISSING, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
-from liftft import distributed
-from liftft.atomic import write_json_atomic
+from liftft import distributed, run_lock
+from liftft.atomic import atomic_directory, write_json_atomic
+from liftft.checkpoint import disk_errors_named
 from liftft.config import LiftConfig, clip_norm
 from liftft.data import encode_dataset, load_records, split_validation
 from liftft.delta import save_delta
-from liftft.hf import load_model, load_tokenizer
+from liftft.hf import load_model, load_tokenizer, looks_local
 from liftft.loop import TrainingLoop
 from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
 from liftft.outputs import check_output_dir, differing_settings
+from liftft.preflight import check_budget, check_writable, meta_model
 
 logger = logging.getLogger("liftft")
 
@@ -26,7 +29,7 @@ RUN_FILE = "run.json"
 MERGED_DIR = "merged"
 ADAPTER_DIR = "adapter"
 # Settings that may differ between a run and its resumption.
-_RESUMABLE = ("resume", "merge", "progress", "save_steps")
+_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout")
 
 
 @dataclass
@@ -65,6 +68,8 @@ class TrainArgs:
     resume: bool = False
     merge: bool = False
     save_steps: int | None = 200
+    save_total_limit: int = 2
+    dist_timeout: float = 1800.0
     device: str = "auto"
     progress: bool = True
 
@@ -95,6 +100,12 @@ class TrainArgs:
             raise ValueError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.scheduler not in ("linear", "cosine", "constant"):
             raise ValueError(f"unknown --scheduler {self.scheduler!r}; allowed: linear, cosine, constant")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr >= 0):
+            raise ValueError(f"--lr must be a finite number >= 0, got {self.lr!r}")
+        if self.save_total_limit < 1:
+            raise ValueError(f"--save-total-limit must be >= 1, got {self.save_total_limit}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
         if self.step_in_backward:
@@ -170,9 +181,10 @@ def run_training(args: TrainArgs):
     device = resolve_device(args.device)
     if device.type == "cuda" and distributed.launched_distributed():
         torch.cuda.set_device(device)
-    joined = distributed.init_from_launcher(device.type)
+    joined = distributed.init_from_launcher(device.type, timeout_s=args.dist_timeout)
     try:
-        return _run_training(args, device)
+        with distributed.named_timeouts(args.dist_timeout):
+            return _run_training(args, device)
     finally:
         if joined:
             torch.distributed.destroy_process_group()
@@ -180,13 +192,33 @@ def run_training(args: TrainArgs):
 
 def _run_training(args: TrainArgs, device: torch.device):
     out = Path(args.output)
-    _check_output_dir(out, args)
-    distributed.barrier()  # every rank has read the output dir before rank 0 writes to it
+    main = distributed.is_main_process()
+    records = load_records(args.data)  # reading is quick; tokenising waits until every check has passed
+    created = not out.exists()
+    lock = _lock_output(out)
+    try:
+        _check_output_dir(out, args)
+        budget_note = check_budget(meta_model(args.model), args.lift_config(), args.method in SPARSE_SELECTORS)
+        distributed.barrier()  # every rank has read the output dir before rank 0 writes to it
+        if main:
+            _announce(args, budget_note)
+        return _train_in(args, device, out, records)
+    except BaseException:
+        if created and lock is not None:
+            run_lock.release(lock)
+            _remove_if_empty(out)
+        raise
+    finally:
+        if lock is not None:
+            run_lock.release(lock)
+
+
+def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[dict]):
     main = distributed.is_main_process()
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
 
     tokenizer = load_tokenizer(args.model)
-    train_examples, val_examples, data_stats = _prepare_data(args, tokenizer)
+    train_examples, val_examples, data_stats = _prepare_data(args, records, tokenizer)
     torch.manual_seed(args.seed)
     # Frozen or sparsely trained weights stay in bf16; full FT keeps fp32 weights under autocast.
     weight_dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
@@ -217,7 +249,8 @@ def _run_training(args: TrainArgs, device: torch.device):
             logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
         metrics.update(trainable=setup.trainable, data=data_stats)
         if main:
-            _write_outputs(args, setup, tokenizer, metrics)
+            with disk_errors_named(out):
+                _write_outputs(args, setup, tokenizer, metrics)
             write_json_atomic(out / RUN_FILE, {**run_info, "status": "done", "metrics": metrics,
                                                "trainable": setup.trainable})
     finally:
@@ -226,13 +259,50 @@ def _run_training(args: TrainArgs, device: torch.device):
     return model, metrics
 
 
+def _lock_output(out: Path) -> Path | None:
+    """Rank 0 checks that ``out`` is writable and takes its lock; every rank raises if it could not."""
+    lock, error = None, None
+    if distributed.is_main_process():
+        try:
+            check_writable(out)
+            lock = run_lock.acquire(out)
+        except (OSError, ValueError) as err:
+            error = err
+    (failed,) = distributed.sum_across_ranks([float(error is not None)])
+    if error is not None:
+        raise error
+    if failed:
+        raise ValueError(f"rank 0 could not take output dir {out}; see its error")
+    return lock
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove the output dir this run created, if the run failed before writing anything into it."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def _announce(args: TrainArgs, budget_note: str | None) -> None:
+    """Say what will run: processes and global batch, and what the launcher asked for if it differs."""
+    world = distributed.world_size()
+    print(f"liftft train: {world} process{'es' if world > 1 else ''}, global batch {args.batch_size} x "
+          f"{args.grad_accum} x {world} = {args.batch_size * args.grad_accum * world} examples per optimizer step")
+    asked = distributed.requested_processes(distributed.launcher_cmdline())
+    if asked is not None and asked > world:
+        print(f"liftft train: warning: the launcher asked for {asked} processes but {world} joined (accelerate "
+              "launch --cpu runs one process without MPI; torchrun --nproc-per-node N runs N on the CPU)")
+    if budget_note:
+        print(f"liftft train: warning: {budget_note}")
+
+
 def _check_output_dir(out: Path, args: TrainArgs) -> None:
-    check_output_dir(out, RUN_FILE, "train run")
+    check_output_dir(out, RUN_FILE, "train run", ignore=(run_lock.LOCK_FILE,))
     record = out / RUN_FILE
     if not record.is_file():
         return
     run = json.loads(record.read_text())
-    differing = differing_settings(run.get("args", {}), args.run_record(), _record_defaults())
+    differing = differing_settings(_comparable(run.get("args", {})), _comparable(args.run_record()),
+                                   _comparable(_record_defaults()))
     if differing:
         raise ValueError(f"output dir {out} holds a different run (differs in: {', '.join(differing)}); "
                          "choose another --output")
@@ -243,8 +313,23 @@ def _check_output_dir(out: Path, args: TrainArgs) -> None:
                          f"(torchrun --nproc-per-node {run.get('world_size', 1)}), not {distributed.world_size()}")
 
 
-def _prepare_data(args: TrainArgs, tokenizer):
-    records = load_records(args.data)
+def _comparable(record: dict) -> dict:
+    """A run record as a resumption compares it: without the output dir, which may have moved, and with local
+    model and data paths resolved, so `runs/x` and `/abs/path/runs/x` are one run."""
+    record = {k: v for k, v in record.items() if k != "output"}
+    if isinstance(record.get("model"), str):
+        record["model"] = _resolved(record["model"])
+    if isinstance(record.get("data"), list):
+        record["data"] = [_resolved(d) for d in record["data"]]
+    return record
+
+
+def _resolved(path_or_id: str) -> str:
+    local = looks_local(path_or_id) or os.path.exists(os.path.expanduser(path_or_id))
+    return str(Path(path_or_id).expanduser().resolve()) if local else path_or_id
+
+
+def _prepare_data(args: TrainArgs, records: list[dict], tokenizer):
     train_records, val_records = split_validation(records, args.val_size, args.seed)
     train_examples, stats = encode_dataset(train_records, tokenizer, template=args.template, max_seq_len=args.max_seq_len)
     val_examples = encode_dataset(val_records, tokenizer, template=args.template, max_seq_len=args.max_seq_len)[0] if val_records else []
@@ -268,8 +353,9 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
         if args.merge:
             _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     elif setup.kind == "peft":
-        model.save_pretrained(out / ADAPTER_DIR)
-        tokenizer.save_pretrained(out / ADAPTER_DIR)
+        with atomic_directory(out / ADAPTER_DIR) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         if args.merge:
             _save_hf(model.merge_and_unload(), tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     else:
@@ -277,8 +363,6 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
 
 
 def _save_hf(model, tokenizer, path: Path, checkpointing: bool) -> None:
-    from liftft.atomic import atomic_directory
-
     if checkpointing:
         model.gradient_checkpointing_disable()
     model.config.use_cache = True

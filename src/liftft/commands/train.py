@@ -62,6 +62,12 @@ def register(subparsers) -> None:
                    help="prompt template, the same one `liftft eval` uses")
     p.add_argument("--seed", type=int, default=43, help="seed for data order, selection and initialization")
     p.add_argument("--save-steps", type=int, default=200, help="optimizer steps between checkpoints")
+    p.add_argument("--save-total-limit", type=int, default=2,
+                   help="checkpoints kept, newest first, so one bad step cannot erase the only good state "
+                   "(a checkpoint whose trained values are not finite is never written)")
+    p.add_argument("--dist-timeout", type=float, default=1800.0,
+                   help="seconds a process waits for the others in a collective before stopping with an error "
+                   "naming its rank (multi-process runs)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -89,7 +95,8 @@ def train_args_from(args):
         warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, val_size=args.val_size, template=args.template,
-        seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps, device=args.device,
+        seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps,
+        save_total_limit=args.save_total_limit, dist_timeout=args.dist_timeout, device=args.device,
         progress=args.progress,
     )
 

@@ -1,0 +1,73 @@
+"""What `liftft train` checks before any long work: targets, budgets and output, from the model's config alone.
+
+Loading a real model's weights takes minutes, and tokenising the data more.
+The model's config, instantiated on the meta device (shapes, no storage), is
+enough to find the target matrices and their budgets, so settings that match
+no module or train whole matrices are refused first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from liftft.config import LiftConfig
+from liftft.hf import check_model_path
+from liftft.selection import budget
+from liftft.targets import find_targets
+
+# A --rank that trains more of the targets than this is refused unless --density asks for it explicitly,
+# and one above WARN_DENSITY, or one that trains any matrix whole, is reported.
+REFUSE_DENSITY = 0.5
+WARN_DENSITY = 0.25
+
+
+def meta_model(path_or_id: str):
+    """The model at ``path_or_id`` built from its config on the meta device: every shape, no weights loaded."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    check_model_path(path_or_id)
+    try:
+        config = AutoConfig.from_pretrained(os.path.expanduser(path_or_id))
+    except (OSError, ValueError) as err:
+        raise FileNotFoundError(f"cannot read the config of model {path_or_id!r}: {err}") from err
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def check_budget(model, cfg: LiftConfig, sparse: bool) -> str | None:
+    """Resolve ``cfg``'s targets (and, for a sparse method, budgets) on ``model``; a line to report, or None.
+
+    Raises ValueError for targets that match nothing (find_targets names the
+    model's linear modules) and for a ``cfg.rank`` that trains more than
+    REFUSE_DENSITY of the target entries.
+    """
+    targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+    if not sparse:
+        return None
+    sizes = {name: (tuple(p.shape), p.numel()) for name, p in targets.items()}
+    ks = {name: budget(shape, rank=cfg.rank, density=cfg.density) for name, (shape, _) in sizes.items()}
+    total = sum(numel for _, numel in sizes.values())
+    density = sum(ks.values()) / total
+    whole = [name for name, (_, numel) in sizes.items() if ks[name] == numel]
+    if cfg.rank is not None and density > REFUSE_DENSITY:
+        raise ValueError(f"--rank {cfg.rank} would train {density:.1%} of the target entries of this model "
+                         f"({len(whole)} of {len(targets)} matrices whole): that is not sparse fine-tuning. Pass a "
+                         f"smaller --rank, or --density {density:.2f} to train that much on purpose")
+    if cfg.rank is not None and (whole or density > WARN_DENSITY):
+        return (f"--rank {cfg.rank} trains {density:.1%} of the target entries ({len(whole)} of {len(targets)} "
+                f"matrices whole); a smaller --rank or a --density keeps LIFT sparse")
+    return None
+
+
+def check_writable(directory: Path) -> None:
+    """Raise OSError naming ``directory`` unless a file can be created in it (after creating it if needed)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".liftft-probe-"):
+            pass
+    except OSError as err:
+        raise OSError(f"cannot write to output dir {directory}: {err.strerror or err}") from err
