@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from liftft.atomic import atomic_directory, atomic_write
+from liftft.atomic import atomic_directory, atomic_write, remove_leftovers
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
@@ -46,6 +46,15 @@ def checkpoints(output_dir) -> list[Path]:
     """The checkpoint directories under ``output_dir``/checkpoints, oldest first."""
     root = Path(output_dir) / CHECKPOINTS
     return sorted(p for p in root.glob("step-*") if p.is_dir()) if root.is_dir() else []
+
+
+def remove_checkpoint_leftovers(output_dir) -> list[Path]:
+    """Remove what killed checkpoint writes left under ``output_dir``/checkpoints (see :func:`liftft.atomic.remove_leftovers`)."""
+    root = Path(output_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    names = {LATEST} | {m.group(1) for p in root.iterdir() if (m := re.match(r"\.(step-\d{8})\.", p.name))}
+    return [path for name in sorted(names) for path in remove_leftovers(root / name)]
 
 
 def latest_checkpoint(output_dir) -> Path | None:

@@ -39,16 +39,18 @@ def load_records(paths: str | os.PathLike | list[str | os.PathLike]) -> list[dic
     Each source is a JSON file holding a list of records, a JSON Lines file
     (``.jsonl``/``.ndjson``) with one record per line, a directory written by
     ``Dataset.save_to_disk`` (a ``DatasetDict`` gives its ``train`` split), a
-    directory of data files that ``datasets.load_dataset`` reads, or a dataset
-    name on the Hugging Face hub (its ``train`` split).
+    directory of data files that ``datasets.load_dataset`` reads (not one with
+    a loading script, ``*.py``), or a dataset name on the Hugging Face hub (its
+    ``train`` split).
 
     Every record comes back as a plain dict with ``instruction``, ``output``,
     ``input`` ("" when absent) and any other non-null fields, such as ``answer``.
     Raises FileNotFoundError for a missing source and ValueError for invalid JSON
     (with line and column), a record without a non-empty ``instruction`` or
-    without an ``output`` string (with the record index) and a source with no
-    records. An empty ``output`` is allowed here (the paper's math_data.json has
-    three) and skipped, with a count, by :func:`encode_dataset`.
+    without an ``output`` string (with the record index), a source with no
+    records and a directory with a loading script. An empty ``output`` is
+    allowed here (the paper's math_data.json has three) and skipped, with a
+    count, by :func:`encode_dataset`.
     """
     sources = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not sources:
@@ -121,10 +123,25 @@ def _read_dataset_dir(path: Path):
                 raise ValueError(f"dataset {path} has no 'train' split (splits: {', '.join(data)})")
             data = data["train"]
         return data
+    _refuse_loading_script(path)
     try:
         return datasets.load_dataset(str(path), split="train")
     except datasets.exceptions.DatasetsError as err:
         raise ValueError(f"cannot load dataset directory {path}: {err}") from err
+
+
+def _refuse_loading_script(path: Path) -> None:
+    """Refuse a directory with a dataset loading script: datasets no longer runs them, and one is arbitrary code.
+
+    Reading the directory's data files without the script could train on
+    something other than what the script defines, so no script is ignored either.
+    """
+    scripts = sorted(script.name for script in path.glob("*.py"))
+    if scripts:
+        raise ValueError(
+            f"dataset directory {path} holds a loading script ({', '.join(scripts)}), which liftft does not run; "
+            "convert the data to a JSON or JSON Lines file, or save it with datasets' save_to_disk, and pass that"
+        )
 
 
 def _read_hub_dataset(name: str):

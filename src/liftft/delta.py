@@ -13,17 +13,17 @@ exactly, so deltas without such entries stay readable by older liftft.
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from liftft import distributed
 from liftft.atomic import atomic_write, write_json_atomic
-from liftft.layout import compress, expand, index_dtype
+from liftft.delta_checks import checked_entries, read_meta, read_tensors
+from liftft.layout import compress, index_dtype
 
 DELTA_FILE = "delta.safetensors"
 META_FILE = "liftft.json"
@@ -161,52 +161,22 @@ def write_delta(delta: Delta, path) -> None:
 
 
 def load_delta(path) -> Delta:
-    """Read a delta directory (or its delta.safetensors file) written by :func:`save_delta`."""
+    """Read a delta directory (or its delta.safetensors file) written by :func:`save_delta`.
+
+    The delta is checked whole first (:mod:`liftft.delta_checks`): a missing
+    file raises FileNotFoundError, and a damaged one ValueError naming the
+    file, the weight and the defect, so that nothing done with the result meets
+    damage the files hold.
+    """
     path = Path(path)
     directory = path.parent if path.name == DELTA_FILE else path
     tensor_file, meta_file = directory / DELTA_FILE, directory / META_FILE
     for f in (tensor_file, meta_file):
         if not f.is_file():
             raise FileNotFoundError(f"{f} not found: {directory} is not a liftft delta directory")
-    meta = json.loads(meta_file.read_text())
-    version = meta.get("format_version", 1)
-    if version > FORMAT_VERSION:
-        raise ValueError(f"{meta_file} has delta format {version}, newer than this liftft reads ({FORMAT_VERSION}); "
-                         "upgrade liftft")
-    tensors = load_file(tensor_file)
-    entries, exact = {}, {}
-    for name, info in meta["weights"].items():
-        if f"{name}.values" not in tensors:
-            raise ValueError(f"{tensor_file} lacks {name}.values listed in {meta_file}")
-        entries[name] = (_stored_indices(tensors, name, info["shape"], tensor_file), tensors[f"{name}.values"])
-        if f"{name}.exact_positions" in tensors:
-            exact[name] = _stored_exact(tensors, name, tensor_file)
+    meta = read_meta(meta_file, FORMAT_VERSION)
+    entries, exact = checked_entries(read_tensors(tensor_file), meta, tensor_file, meta_file)
     return Delta(entries, meta, exact)
-
-
-def _stored_exact(tensors: dict, name: str, tensor_file: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    positions, values = tensors[f"{name}.exact_positions"], tensors.get(f"{name}.exact_values")
-    count = tensors[f"{name}.values"].numel()
-    if values is None or values.numel() != positions.numel() or (positions.numel() and not
-                                                                 0 <= int(positions.min()) <= int(positions.max()) < count):
-        raise ValueError(f"{tensor_file}: {name}'s exact values do not match its {count} entries; the file is damaged")
-    return positions, values
-
-
-def _stored_indices(tensors: dict, name: str, shape: list[int], tensor_file: Path) -> torch.Tensor | None:
-    """The sorted flat indices of weight ``name`` in either format, or None for a dense delta."""
-    if f"{name}.indices" in tensors:  # format 1
-        return tensors[f"{name}.indices"]
-    parts = [f"{name}.row_offsets" in tensors, f"{name}.columns" in tensors]
-    if not any(parts):
-        return None
-    if not all(parts):
-        raise ValueError(f"{tensor_file} holds only one of {name}.row_offsets and {name}.columns")
-    row_offsets, columns, values = tensors[f"{name}.row_offsets"], tensors[f"{name}.columns"], tensors[f"{name}.values"]
-    if row_offsets.numel() != shape[0] + 1 or not int(row_offsets[-1]) == columns.numel() == values.numel():
-        raise ValueError(f"{tensor_file}: {name} has {row_offsets.numel()} row offsets, {columns.numel()} columns and "
-                         f"{values.numel()} values for shape {shape}; the file is damaged")
-    return expand(row_offsets, columns, shape[1]).to(index_dtype(shape[0] * shape[1]))
 
 
 def check_compatible(model: nn.Module, delta: Delta) -> None:
@@ -234,8 +204,9 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
 
     With scale 1 on the base model this reproduces the trained weights exactly,
     bit for bit, every entry (those stored with exact values included).
-    Raises ValueError naming the first weight whose shape or base fingerprint
-    does not match, before changing anything.
+    Raises ValueError, before changing anything, for a damaged delta (see
+    :func:`load_delta`) and naming the first weight whose shape or base
+    fingerprint does not match.
     """
     delta = path if isinstance(path, Delta) else load_delta(path)
     check_compatible(model, delta)

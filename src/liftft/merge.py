@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from liftft.atomic import atomic_directory
+from liftft.atomic import atomic_directory, remove_leftovers
 from liftft.outputs import check_output_dir
 
 MERGE_FILE = "liftft_merge.json"
@@ -25,7 +25,9 @@ def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dt
     ``AutoTokenizer.from_pretrained``; it also holds liftft_merge.json, which
     records where it came from. It is written to a temporary directory beside
     ``output`` and renamed into place; an existing ``output`` is replaced only
-    if it is empty or a previous merge.
+    if it is empty or a previous merge. The delta is checked whole before the
+    base is loaded, and what an interrupted merge to ``output`` left beside it
+    is removed first.
     """
     from liftft.delta import apply_delta, load_delta
     from liftft.hf import check_model_path, load_model
@@ -33,6 +35,7 @@ def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dt
     out_dtype = _parse_dtype(dtype)
     delta = load_delta(delta_dir)
     output = check_output_dir(output, MERGE_FILE, "merge")
+    remove_leftovers(output)
     check_model_path(base)
     trained_dtype = recorded_dtype(delta.meta, delta_dir)
     tokenizer = _load_tokenizer_unchanged(base)

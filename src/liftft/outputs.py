@@ -42,7 +42,7 @@ def check_writable_dir(directory, name: str) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as err:
-        raise ValueError(f"{name} {directory} cannot be written: {err.strerror or err}") from err
+        raise ValueError(f"{name} {directory} is not writable: {err.strerror or err}") from err
     finally:
         for path in created:
             if path.is_dir():

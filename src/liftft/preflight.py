@@ -8,14 +8,10 @@ no module or train whole matrices are refused first.
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
-
 import torch
 
 from liftft.config import LiftConfig
-from liftft.hf import check_model_path
+from liftft.hf import load_config
 from liftft.selection import budget
 from liftft.targets import find_targets
 
@@ -27,13 +23,9 @@ WARN_DENSITY = 0.25
 
 def meta_model(path_or_id: str):
     """The model at ``path_or_id`` built from its config on the meta device: every shape, no weights loaded."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    check_model_path(path_or_id)
-    try:
-        config = AutoConfig.from_pretrained(os.path.expanduser(path_or_id))
-    except (OSError, ValueError) as err:
-        raise FileNotFoundError(f"cannot read the config of model {path_or_id!r}: {err}") from err
+    config = load_config(path_or_id)
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config)
 
@@ -61,13 +53,3 @@ def check_budget(model, cfg: LiftConfig, sparse: bool) -> str | None:
         return (f"--rank {cfg.rank} trains {density:.1%} of the target entries ({len(whole)} of {len(targets)} "
                 f"matrices whole); a smaller --rank or a --density keeps LIFT sparse")
     return None
-
-
-def check_writable(directory: Path) -> None:
-    """Raise OSError naming ``directory`` unless a file can be created in it (after creating it if needed)."""
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".liftft-probe-"):
-            pass
-    except OSError as err:
-        raise OSError(f"cannot write to output dir {directory}: {err.strerror or err}") from err

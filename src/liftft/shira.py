@@ -30,17 +30,20 @@ def export_shira(delta_dir: str, output: str, *, base: str | None = None) -> Pat
     the delta's fingerprints and module types. The chosen r, and whether it
     exceeds the run's LoRA-parity rank because refreshes widened the trained
     entries, is printed and recorded in ``output``/liftft_shira.json. Raises
-    ValueError, before writing anything, for a delta whose sparse weights are
-    not nn.Linear weights or that no SHiRA r can hold.
+    ValueError, before writing anything, for a damaged delta (before loading
+    ``base``), and for a delta whose sparse weights are not nn.Linear weights
+    or that no SHiRA r can hold. What an interrupted export to ``output`` left
+    beside it is removed first.
     """
     from liftft.delta import check_compatible, load_delta
     from liftft.hf import check_model_path, load_model
-    from liftft.atomic import atomic_directory
+    from liftft.atomic import atomic_directory, remove_leftovers
     from liftft.merge import recorded_dtype
     from liftft.outputs import check_output_dir
 
     delta = load_delta(delta_dir)
     output = check_output_dir(output, SHIRA_FILE, "SHiRA export")
+    remove_leftovers(output)
     base = base or delta.meta.get("base_model")
     if base is None:
         raise ValueError(f"delta {delta_dir} records no base model; pass the base model (--base)")

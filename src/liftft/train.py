@@ -11,23 +11,24 @@ from pathlib import Path
 
 import torch
 
-from liftft import distributed, run_lock
+from liftft import distributed, run_dir
 from liftft.atomic import atomic_directory, write_json_atomic
 from liftft.checkpoint import disk_errors_named
 from liftft.config import LiftConfig, clip_norm
 from liftft.data import encode_dataset, load_records, split_validation
-from liftft.delta import save_delta
-from liftft.hf import load_model, load_tokenizer, looks_local
+from liftft.delta import DELTA_FILE, META_FILE, save_delta
+from liftft.hf import load_model, load_tokenizer
 from liftft.loop import TrainingLoop
 from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
-from liftft.outputs import check_output_dir, differing_settings
-from liftft.preflight import check_budget, check_writable, meta_model
+from liftft.preflight import check_budget, meta_model
 
 logger = logging.getLogger("liftft")
 
-RUN_FILE = "run.json"
+RUN_FILE = run_dir.RUN_FILE
 MERGED_DIR = "merged"
 ADAPTER_DIR = "adapter"
+# Everything `liftft train` writes in its output dir besides checkpoints and logs.
+OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, MERGED_DIR, ADAPTER_DIR)
 # Settings that may differ between a run and its resumption.
 _RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout")
 
@@ -195,22 +196,22 @@ def _run_training(args: TrainArgs, device: torch.device):
     main = distributed.is_main_process()
     records = load_records(args.data)  # reading is quick; tokenising waits until every check has passed
     created = not out.exists()
-    lock = _lock_output(out)
+    lock = run_dir.take(out)
     try:
-        _check_output_dir(out, args)
+        run_dir.check_continues(out, args.run_record(), _record_defaults(), args.resume)
         budget_note = check_budget(meta_model(args.model), args.lift_config(), args.method in SPARSE_SELECTORS)
         distributed.barrier()  # every rank has read the output dir before rank 0 writes to it
         if main:
-            _announce(args, budget_note)
+            _announce(args, budget_note, run_dir.remove_run_leftovers(out, OUTPUT_NAMES))
         return _train_in(args, device, out, records)
     except BaseException:
         if created and lock is not None:
-            run_lock.release(lock)
-            _remove_if_empty(out)
+            run_dir.release(lock)
+            run_dir.remove_if_empty(out)
         raise
     finally:
         if lock is not None:
-            run_lock.release(lock)
+            run_dir.release(lock)
 
 
 def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[dict]):
@@ -259,31 +260,9 @@ def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[di
     return model, metrics
 
 
-def _lock_output(out: Path) -> Path | None:
-    """Rank 0 checks that ``out`` is writable and takes its lock; every rank raises if it could not."""
-    lock, error = None, None
-    if distributed.is_main_process():
-        try:
-            check_writable(out)
-            lock = run_lock.acquire(out)
-        except (OSError, ValueError) as err:
-            error = err
-    (failed,) = distributed.sum_across_ranks([float(error is not None)])
-    if error is not None:
-        raise error
-    if failed:
-        raise ValueError(f"rank 0 could not take output dir {out}; see its error")
-    return lock
-
-
-def _remove_if_empty(out: Path) -> None:
-    """Remove the output dir this run created, if the run failed before writing anything into it."""
-    if out.is_dir() and not any(out.iterdir()):
-        out.rmdir()
-
-
-def _announce(args: TrainArgs, budget_note: str | None) -> None:
-    """Say what will run: processes and global batch, and what the launcher asked for if it differs."""
+def _announce(args: TrainArgs, budget_note: str | None, removed: list[Path]) -> None:
+    """Say what will run (processes, global batch), and what the launcher asked for if it differs; report the
+    budget's note and the leftovers of interrupted writes that were removed."""
     world = distributed.world_size()
     print(f"liftft train: {world} process{'es' if world > 1 else ''}, global batch {args.batch_size} x "
           f"{args.grad_accum} x {world} = {args.batch_size * args.grad_accum * world} examples per optimizer step")
@@ -293,40 +272,9 @@ def _announce(args: TrainArgs, budget_note: str | None) -> None:
               "launch --cpu runs one process without MPI; torchrun --nproc-per-node N runs N on the CPU)")
     if budget_note:
         print(f"liftft train: warning: {budget_note}")
-
-
-def _check_output_dir(out: Path, args: TrainArgs) -> None:
-    check_output_dir(out, RUN_FILE, "train run", ignore=(run_lock.LOCK_FILE,))
-    record = out / RUN_FILE
-    if not record.is_file():
-        return
-    run = json.loads(record.read_text())
-    differing = differing_settings(_comparable(run.get("args", {})), _comparable(args.run_record()),
-                                   _comparable(_record_defaults()))
-    if differing:
-        raise ValueError(f"output dir {out} holds a different run (differs in: {', '.join(differing)}); "
-                         "choose another --output")
-    if not args.resume:
-        raise ValueError(f"output dir {out} already holds this run; pass --resume to continue it or choose another --output")
-    if run.get("world_size", 1) != distributed.world_size():
-        raise ValueError(f"output dir {out} holds a run on {run.get('world_size', 1)} processes; resume it on as many "
-                         f"(torchrun --nproc-per-node {run.get('world_size', 1)}), not {distributed.world_size()}")
-
-
-def _comparable(record: dict) -> dict:
-    """A run record as a resumption compares it: without the output dir, which may have moved, and with local
-    model and data paths resolved, so `runs/x` and `/abs/path/runs/x` are one run."""
-    record = {k: v for k, v in record.items() if k != "output"}
-    if isinstance(record.get("model"), str):
-        record["model"] = _resolved(record["model"])
-    if isinstance(record.get("data"), list):
-        record["data"] = [_resolved(d) for d in record["data"]]
-    return record
-
-
-def _resolved(path_or_id: str) -> str:
-    local = looks_local(path_or_id) or os.path.exists(os.path.expanduser(path_or_id))
-    return str(Path(path_or_id).expanduser().resolve()) if local else path_or_id
+    if removed:
+        print(f"liftft train: removed {len(removed)} leftover(s) of interrupted writes: "
+              f"{', '.join(p.name for p in removed)}")
 
 
 def _prepare_data(args: TrainArgs, records: list[dict], tokenizer):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from pathlib import Path
 
 from liftft.eval import (
     EXTRACTORS,
     KINDS,
-    NUMBER,
     SCORINGS,
     check_answers,
     check_candidates,
@@ -23,7 +23,8 @@ from liftft.eval import (
     save_task,
     write_results,
 )
-from liftft.eval.results import results_with_settings
+from liftft.eval.results import check_output, results_with_settings
+from liftft.eval.scoring import encode_prompts, generates
 from liftft.template import TEMPLATES
 
 TEST_FILE = "test.json"
@@ -45,7 +46,11 @@ def register(subparsers) -> None:
     source = parser.add_mutually_exclusive_group()
     source.add_argument("--delta", help="liftft delta directory to apply to the base model")
     source.add_argument("--adapter", help="PEFT adapter directory to load on the base model")
-    parser.add_argument("--output", required=True, help="directory for results.json and predictions/")
+    parser.add_argument(
+        "--output",
+        required=True,
+        help="directory for results.json and predictions/; checked to be writable before the model loads",
+    )
     parser.add_argument(
         "--tasks",
         help="math, commonsense, all, or comma-separated task names, any case (default: all, or none with --task-file)",
@@ -58,7 +63,13 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--limit", type=int, help="evaluate only the first N records of each task")
     parser.add_argument("--batch-size", type=int, default=16, help="prompts (loglik: candidate sequences) per batch")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest generated response, in tokens")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=256,
+        help="longest generated response, in tokens; capped, with a warning, where a task's longest prompt plus "
+        "this would exceed the model's max_position_embeddings",
+    )
     parser.add_argument("--num-beams", type=int, default=1, help="beam width; 1 is greedy, 4 is the authors' setting")
     parser.add_argument(
         "--extractor",
@@ -86,11 +97,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    """Evaluate every requested task and print the results table."""
-    from liftft.hf import check_model_path
+    """Evaluate every requested task and print the results table.
+
+    Every input and output path is checked before the model's weights load.
+    """
+    from liftft.hf import load_config, load_tokenizer
 
     _check_flags(args)
-    check_model_path(args.model)
+    config = load_config(args.model)
     jobs, missing = _collect_tasks(args)
     settings = _settings(args)
     done = completed_tasks(args.output, settings, args.overwrite)
@@ -100,8 +114,11 @@ def run(args) -> int:
     for name in missing:
         print(f"{name}: missing, no {Path(args.data_dir) / name / TEST_FILE}")
     pending = [(task, records) for task, records in jobs if task.name not in done]
+    check_output(args.output, [task.name for task, _ in pending])
     if pending:
-        model, tokenizer = _load_model(args, settings["dtype"])
+        tokenizer = load_tokenizer(args.tokenizer or args.model)
+        new_tokens = _new_token_limits(args, tokenizer, pending, config)
+        model = _load_model(args, settings["dtype"])
         for task, records in pending:
             summary, predictions = evaluate_task(
                 model,
@@ -112,7 +129,7 @@ def run(args) -> int:
                 extractor=args.extractor,
                 template=args.template,
                 batch_size=args.batch_size,
-                max_new_tokens=args.max_new_tokens,
+                max_new_tokens=new_tokens[task.name],
                 num_beams=args.num_beams,
             )
             save_task(args.output, settings, task, summary, predictions)
@@ -169,7 +186,7 @@ def _checked_records(task, path, args, records=None) -> list[dict]:
     """A task file's records, answers (and choices, for loglik) checked, cut to --limit."""
     records = records if records is not None else read_records(path)
     check_answers(task, records, path)
-    if args.scoring == "loglik" and task.kind != NUMBER:
+    if not generates(task, args.scoring):
         check_candidates(task, records, path)
     return records[: args.limit]
 
@@ -218,13 +235,35 @@ def _device(args) -> str:
     return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _new_token_limits(args, tokenizer, jobs, config) -> dict[str, int]:
+    """--max-new-tokens for each task, capped so that its longest prompt and the response fit the model's positions.
+
+    Beyond them a model generates slowly and badly (one record took 743 s), or fails.
+    """
+    positions = getattr(config, "max_position_embeddings", None)
+    limits = {}
+    for task, records in jobs:
+        limits[task.name] = args.max_new_tokens
+        if positions is None or not generates(task, args.scoring):
+            continue
+        longest = max((len(ids) for ids in encode_prompts(tokenizer, records, args.template)), default=0)
+        cap = max(positions - longest, 1)
+        if args.max_new_tokens > cap:
+            limits[task.name] = cap
+            print(
+                f"liftft eval: warning: --max-new-tokens {args.max_new_tokens} capped at {cap} for {task.name}: "
+                f"the model has {positions} positions and the longest prompt takes {longest}",
+                file=sys.stderr,
+            )
+    return limits
+
+
 def _load_model(args, dtype_name: str):
-    """The model to evaluate, in eval mode, with its delta or adapter applied, and its tokenizer."""
+    """The model to evaluate, in eval mode, with its delta or adapter applied."""
     import torch
 
-    from liftft.hf import load_model, load_tokenizer
+    from liftft.hf import load_model
 
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
     model = load_model(args.model, getattr(torch, dtype_name), _device(args))
     if args.delta is not None:
         from liftft.delta import apply_delta
@@ -234,4 +273,4 @@ def _load_model(args, dtype_name: str):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, args.adapter)
-    return model.eval(), tokenizer
+    return model.eval()

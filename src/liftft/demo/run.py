@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from liftft.config import LiftConfig
+from liftft.outputs import check_writable_dir
 from liftft.demo.base import DemoSettings, base_path, get_base
 from liftft.demo.report import DEMO_METHODS, plot, table
 from liftft.eval import custom_task, evaluate_task
@@ -35,23 +36,13 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def check_writable(output: Path) -> None:
-    """Fail fast when ``output`` cannot be created or written."""
-    try:
-        output.mkdir(parents=True, exist_ok=True)
-        probe = output / ".liftft-write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"output directory {output} is not writable: {err}") from err
-
-
 def run_demo(output="demo_out", *, quick: bool = False, methods=DEMO_METHODS, device: str = "auto", seed: int = 0,
              progress: bool = True) -> dict:
     """Run the whole demo and write DIR/demo_results.json and DIR/demo.png; returns the results."""
     output = Path(output)
     methods = parse_methods(",".join(methods))
-    check_writable(output)
+    check_writable_dir(output, "--output")
+    output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     settings = DemoSettings.quick() if quick else DemoSettings()
     base = get_base(settings.base, device=device, progress=progress)

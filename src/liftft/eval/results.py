@@ -8,9 +8,14 @@ mixes its results with the old ones.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from liftft.eval.tasks import Task
+from liftft.outputs import check_writable_dir
+
+RESULTS_FILE = "results.json"
+PREDICTIONS_DIR = "predictions"
 
 
 def mean(values) -> float:
@@ -21,7 +26,7 @@ def mean(values) -> float:
 
 def read_results(output_dir: str | Path) -> dict | None:
     """The ``results.json`` of an output directory, or None when there is none yet."""
-    path = Path(output_dir) / "results.json"
+    path = Path(output_dir) / RESULTS_FILE
     if not path.is_file():
         return None
     try:
@@ -57,10 +62,30 @@ def completed_tasks(output_dir: str | Path, settings: dict, overwrite: bool = Fa
         )
     done = set()
     for name, summary in results.get("tasks", {}).items():
-        path = Path(output_dir) / "predictions" / f"{name}.jsonl"
+        path = _predictions_file(output_dir, name)
         if path.is_file() and len(path.read_text(encoding="utf-8").splitlines()) == summary["count"]:
             done.add(name)
     return done
+
+
+def check_output(output_dir: str | Path, task_names: list[str]) -> None:
+    """Raise ValueError, before any work, unless every path an evaluation writes can be written.
+
+    Those are ``output_dir``, its results.json, predictions/ and the
+    predictions file of each of ``task_names``. Nothing is left behind.
+    """
+    output_dir = Path(output_dir)
+    check_writable_dir(output_dir, "--output")
+    check_writable_dir(output_dir / PREDICTIONS_DIR, "--output")
+    for path in [output_dir / RESULTS_FILE, *(_predictions_file(output_dir, name) for name in task_names)]:
+        if path.is_dir():
+            raise ValueError(f"--output {output_dir}: {path.name} is a directory where a file is to be written")
+        if path.exists() and not os.access(path, os.W_OK):
+            raise ValueError(f"--output {output_dir}: {path.name} is read-only")
+
+
+def _predictions_file(output_dir: str | Path, task_name: str) -> Path:
+    return Path(output_dir) / PREDICTIONS_DIR / f"{task_name}.jsonl"
 
 
 def save_task(output_dir: str | Path, settings: dict, task: Task, summary: dict, predictions: list[dict]) -> dict:
@@ -68,9 +93,9 @@ def save_task(output_dir: str | Path, settings: dict, task: Task, summary: dict,
 
     Results from other settings are replaced, not mixed in.
     """
-    output_dir = Path(output_dir)
-    (output_dir / "predictions").mkdir(parents=True, exist_ok=True)
-    with open(output_dir / "predictions" / f"{task.name}.jsonl", "w", encoding="utf-8") as f:
+    path = _predictions_file(output_dir, task.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
         for prediction in predictions:
             f.write(json.dumps(prediction, ensure_ascii=False) + "\n")
     results = results_with_settings(output_dir, settings)
@@ -89,7 +114,7 @@ def write_results(output_dir: str | Path, results: dict, missing: list[str] | No
             "macro_accuracy": mean(s["accuracy"] for s in members.values()),
             "tasks": sorted(members),
         }
-    path = Path(output_dir) / "results.json"
+    path = Path(output_dir) / RESULTS_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return results

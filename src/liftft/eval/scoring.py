@@ -22,6 +22,16 @@ def continuation(task: Task, label: str) -> str:
     return f"The answer is ({label})." if task.kind == LETTER else f"the correct answer is {label}"
 
 
+def generates(task: Task, scoring: str) -> bool:
+    """Whether ``scoring`` scores ``task`` by generating: always for numeric tasks, which have no choices to rank."""
+    return scoring == "generate" or task.kind == NUMBER
+
+
+def encode_prompts(tokenizer, records: list[dict], template: str = "alpaca") -> list[list[int]]:
+    """The prompt ids of each record, exactly as training encoded its prompts."""
+    return [encode_prompt(tokenizer, build_prompt(r, template, tokenizer)) for r in records]
+
+
 def evaluate_task(
     model,
     tokenizer,
@@ -44,8 +54,8 @@ def evaluate_task(
     if scoring not in SCORINGS:
         raise ValueError(f"unknown scoring {scoring!r}; allowed: {', '.join(SCORINGS)}")
     check_extractor(extractor)
-    prompts = [encode_prompt(tokenizer, build_prompt(r, template, tokenizer)) for r in records]
-    if scoring == "loglik" and task.kind != NUMBER:
+    prompts = encode_prompts(tokenizer, records, template)
+    if not generates(task, scoring):
         predictions = _loglik_predictions(model, tokenizer, task, records, prompts, batch_size)
         summary = {"scoring": "loglik", "extractor": None}
     else:
@@ -59,6 +69,7 @@ def evaluate_task(
         summary = {
             "scoring": "generate",
             "extractor": extractor,
+            "max_new_tokens": max_new_tokens,
             "accuracy_by_extractor": {
                 mode: mean(p["correct_by_extractor"][mode] for p in predictions) for mode in EXTRACTORS
             },
