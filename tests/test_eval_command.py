@@ -77,6 +77,7 @@ def test_delta_is_applied_to_the_base_model(model_dir, tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(liftft.delta, "apply_delta", silence_model)
+    monkeypatch.setattr(liftft.delta, "load_delta", str)  # the "delta" read is its path, which apply_delta records
     delta_dir = tmp_path / "delta"
     delta_dir.mkdir()
     out = tmp_path / "out"

@@ -24,7 +24,7 @@ from liftft import distributed
 from liftft.atomic import remove_leftovers
 from liftft.checkpoint import remove_checkpoint_leftovers
 from liftft.hf import looks_local
-from liftft.outputs import check_output_dir, check_writable_dir, differing_settings
+from liftft.outputs import check_output_dir, differing_settings
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".liftft.lock"
@@ -84,13 +84,16 @@ def _alive(pid: int) -> bool:
 
 
 def take(output: Path) -> Path | None:
-    """Rank 0 checks that ``output`` is writable and takes its lock (returned); every rank raises if it could not."""
+    """Rank 0 takes ``output``'s lock (returned), which shows the dir writable; every rank raises if it could not."""
     lock, error = None, None
     if distributed.is_main_process():
         try:
-            check_writable_dir(output, "--output")
+            if output.exists() and not output.is_dir():
+                raise ValueError(f"--output {output} exists and is not a directory")
             lock = acquire(output)
-        except (OSError, ValueError) as err:
+        except OSError as err:
+            error = ValueError(f"--output {output} is not writable: {err.strerror or err}")
+        except ValueError as err:
             error = err
     (failed,) = distributed.sum_across_ranks([float(error is not None)])
     if error is not None:

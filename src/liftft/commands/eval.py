@@ -262,13 +262,13 @@ def _load_model(args, dtype_name: str):
     """The model to evaluate, in eval mode, with its delta or adapter applied."""
     import torch
 
+    from liftft.delta import apply_delta, load_delta
     from liftft.hf import load_model
 
+    delta = None if args.delta is None else load_delta(args.delta)  # a damaged delta is named before the model loads
     model = load_model(args.model, getattr(torch, dtype_name), _device(args))
-    if args.delta is not None:
-        from liftft.delta import apply_delta
-
-        apply_delta(model, args.delta)
+    if delta is not None:
+        apply_delta(model, delta)
     if args.adapter is not None:
         from peft import PeftModel
 
