@@ -36,6 +36,7 @@ def test_bench_tiny_runs_and_writes_every_key(tmp_path, capsys):
     report = json.loads(out.read_text())
     assert set(report) == {"settings", "environment", "model", "methods", "ratios"}
     assert report["settings"]["device"] == "cpu" and report["settings"]["dtype"] == "float32"
+    assert report["settings"]["loss"] == "chunked"
     assert {"device", "torch", "transformers", "peft"} <= set(report["environment"])
     methods = report["methods"]
     assert list(methods) == ["floor", "full", "lora", "lift"]
@@ -44,6 +45,7 @@ def test_bench_tiny_runs_and_writes_every_key(tmp_path, capsys):
         assert len(figures["step_times_s"]) == 2
         assert figures["tokens_per_s"] == pytest.approx(2 * 16 / figures["step_time_s"])
         assert figures["peak_memory_bytes"] >= figures["baseline_rss_bytes"] > 0
+        assert figures["loss_path"] == "chunked", name
     assert methods["floor"]["trainable"] == 0
     assert methods["full"]["trainable"] == report["model"]["parameters"]
     assert methods["lift"]["trainable"] == methods["lora"]["trainable"] == tiny_lora_parity(2)
@@ -63,11 +65,12 @@ def test_bench_runs_the_lift_variants(tmp_path):
     out = tmp_path / "bench.json"
     code = main(["bench", "--model-config", "tiny", "--batch-size", "1", "--seq-len", "8", "--steps", "1",
                  "--warmup", "1", "--rank", "2", "--filter-rank", "4", "--device", "cpu", "--output", str(out),
-                 "--methods", "lift-sampled,lift-in-backward"])
+                 "--methods", "lift-sampled,lift-in-backward", "--loss", "full"])
     assert code == 0
     methods = json.loads(out.read_text())["methods"]
     assert list(methods) == ["lift-sampled", "lift-in-backward"]
     for name, figures in methods.items():
+        assert figures["loss_path"] == "full", name
         assert figures["trainable"] == tiny_lora_parity(2), name
         assert figures["state_bytes_per_entry"] == pytest.approx(tiny_state_bytes_per_entry(2), rel=1e-12), name
 

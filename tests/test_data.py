@@ -8,7 +8,7 @@ import re
 import datasets
 import pytest
 import torch
-from conftest import SHARED_DATA, math_records, tiny_llama
+from conftest import math_records, shared_path, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
@@ -16,7 +16,6 @@ from transformers import PreTrainedTokenizerFast
 from liftft.data import DataCollator, encode_dataset, encode_example, load_records, split_validation
 from liftft.template import build_prompt, encode_prompt
 
-MATH_FILE = SHARED_DATA / "train" / "math_data.json"
 BOS, EOS = 1, 2
 
 
@@ -50,7 +49,7 @@ def record(instruction="Add 2 and 3.", output="The answer is 5.", **extra):
 
 def test_label_mask_is_exact_where_the_seam_merges(seam_tokenizer):
     tok = seam_tokenizer
-    rec = load_records(str(MATH_FILE))[0]
+    rec = load_records(str(shared_path("train", "math_data.json")))[0]
     prompt, output = build_prompt(rec), rec["output"]
     assert prompt.endswith("\n") and output.startswith("\n")
     newline, double_newline = tok.convert_tokens_to_ids(["Ċ", "ĊĊ"])
@@ -78,8 +77,8 @@ def test_label_mask_is_exact_where_the_seam_merges(seam_tokenizer):
 
 
 def test_labels_decode_to_the_output_on_the_real_math_file(tokenizer):
-    records = load_records(str(MATH_FILE))
-    with open(MATH_FILE) as f:
+    records = load_records(str(shared_path("train", "math_data.json")))
+    with open(shared_path("train", "math_data.json")) as f:
         raw = json.load(f)
     assert records == raw and len(records) == 3260
     # Record 175 of the paper's training file has an empty output: skipped, not an error.

@@ -7,8 +7,8 @@ import re
 
 import pytest
 import torch
-from conftest import tiny_llama
-from eval_data import TEST_DIR, shipped_records
+from conftest import shared_path, tiny_llama
+from eval_data import shipped_records
 
 from liftft import cli
 from liftft.eval import TASKS, candidates
@@ -25,7 +25,7 @@ def model_dir(tmp_path, tokenizer):
 
 def _eval(model_dir, output, *extra):
     return cli.main(
-        ["eval", "--model", str(model_dir), "--output", str(output), "--data-dir", str(TEST_DIR),
+        ["eval", "--model", str(model_dir), "--output", str(output), "--data-dir", str(shared_path("test")),
          "--max-new-tokens", "6", "--batch-size", "4", "--no-bf16", "--device", "cpu", *extra]
     )  # fmt: skip
 

@@ -168,6 +168,21 @@ def test_step_in_backward_writes_the_same_delta(base_dir, data_file, tmp_path):
     assert runs[True].meta["training_args"]["step_in_backward"] and not runs[False].meta["training_args"]["step_in_backward"]
 
 
+def test_chunked_and_full_loss_train_alike(base_dir, data_file, tmp_path):
+    runs = {}
+    for loss in ("full", "chunked"):
+        out = tmp_path / loss
+        run_training(args_for(base_dir, data_file, out, max_steps=3, loss=loss))
+        logged = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]
+        runs[loss] = logged, load_delta(out).entries
+    (full_losses, full_delta), (losses, delta) = runs["full"], runs["chunked"]
+    assert losses == pytest.approx(full_losses, rel=1e-5)
+    assert delta.keys() == full_delta.keys()
+    for name, (indices, values) in delta.items():
+        assert torch.equal(indices, full_delta[name][0]), name
+        torch.testing.assert_close(values, full_delta[name][1], rtol=0, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -284,6 +299,7 @@ def test_max_grad_norm_zero_trains_without_clipping(method, base_dir, data_file,
         (dict(method="lora", lift=LiftConfig(rank=None, density=0.1)), ValueError, "density has no meaning for lora"),
         (dict(lift={"rank": 2}), TypeError, "lift must be a LiftConfig, got dict"),
         (dict(max_grad_norm=float("nan")), ValueError, "max_grad_norm must be a finite number > 0, or 0 or None"),
+        (dict(loss="fused"), ValueError, "unknown --loss 'fused'; allowed: chunked, full, liger"),
     ],
 )
 def test_settings_that_contradict_the_run(kw, error, message):

@@ -5,7 +5,8 @@ downloaded) on the same random tokens: ``floor`` (frozen weights, a full
 backward through the activations: the cost every method pays), ``full``
 (torch AdamW, fused on CUDA), ``lora`` (PEFT LoRA at r = rank on the LIFT
 targets), ``lift`` (LiftAdamW at the same rank, so the same trainable count)
-and, on request, ``lift-sampled`` (lift with ``sampled_grad=True``).
+and, on request, ``lift-sampled`` (lift with ``sampled_grad=True``). Each step's loss is
+:func:`liftft.loss.causal_lm_loss_sum` in the ``loss`` setting's mode (chunked by default).
 
 Each method runs in a fresh process forked from a server that has only
 imported the libraries, so its peak memory (CUDA's max_memory_allocated, or
@@ -18,14 +19,15 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import torch
+
+from liftft.bench_memory import max_rss, peak_memory
+from liftft.loss import causal_lm_loss_sum, check_loss_mode, loss_path
 
 MODEL_CONFIGS = {
     # Small enough for a CPU smoke test.
@@ -63,6 +65,8 @@ class BenchSettings:
     device: str = "auto"
     dtype: str = "auto"
     seed: int = 0
+    loss: str = "chunked"
+    selection_timings: bool = True
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
@@ -79,6 +83,7 @@ class BenchSettings:
         _check_int("seed", self.seed, 0)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
+        check_loss_mode(self.loss)
 
 
 def model_config(name_or_path: str):
@@ -155,7 +160,7 @@ def bench_method(method: str, settings: dict) -> dict:
     s = BenchSettings(**settings)
     device, dtype = torch.device(s.device), getattr(torch, s.dtype)
     cuda = device.type == "cuda"
-    baseline = _max_rss()
+    baseline = max_rss()
     if cuda:
         torch.cuda.set_device(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -169,22 +174,23 @@ def bench_method(method: str, settings: dict) -> dict:
     start = _now(device)
     model, optimizer, trainable = _set_up(method, model, s)
     setup_s = _now(device) - start
-    setup_peak = _peak_memory(device)
+    setup_peak = peak_memory(device)
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
 
     gen = torch.Generator(device=device).manual_seed(s.seed)
     ids = torch.randint(config.vocab_size, (s.batch_size, s.seq_len), generator=gen, device=device)
-    timed = [_timed_step(model, optimizer, ids, device) for _ in range(s.warmup + s.steps)][s.warmup:]
+    timed = [_timed_step(model, optimizer, ids, s.loss, device) for _ in range(s.warmup + s.steps)][s.warmup:]
     times = [wall for wall, _ in timed]
     step_s = statistics.median(times)
     result = {
         "trainable": trainable,
+        "loss_path": loss_path(model, s.loss),
         "setup_s": setup_s,
         "step_time_s": step_s,
         "step_times_s": times,
         "tokens_per_s": s.batch_size * s.seq_len / step_s,
-        "peak_memory_bytes": _peak_memory(device),
+        "peak_memory_bytes": peak_memory(device),
         "setup_peak_memory_bytes": setup_peak,
         "memory_measure": "torch.cuda.max_memory_allocated" if cuda else "process max RSS (getrusage)",
         "model": model_info,
@@ -195,7 +201,7 @@ def bench_method(method: str, settings: dict) -> dict:
         result["baseline_rss_bytes"] = baseline
     if method in LIFT_METHODS:
         result.update(_lift_figures(optimizer, setup_s, device))
-    if method == "lift":
+    if method == "lift" and s.selection_timings:
         result["selection"] = selection_timings(model, s.rank, s.filter_rank, device)
     return result
 
@@ -293,6 +299,8 @@ def format_table(report: dict) -> str:
                      f"{t['exact_unbatched_s']:.3f} s one by one")
     for key, r in report["ratios"].items():
         lines.append(f"{key}: tokens/s {r['tokens_per_s']:.2f}x, peak memory {r['peak_memory']:.2f}x")
+    lines.append(f"loss (--loss {report['settings']['loss']}): "
+                 + ", ".join(f"{name} {r['loss_path']}" for name, r in methods.items()))
     if cpu:
         lines.append("memory on the CPU is the process's max RSS, including "
                      f"{next(iter(methods.values()))['baseline_rss_bytes'] / gib:.3f} GiB of imported libraries")
@@ -324,10 +332,10 @@ def _set_up(method: str, model, s: BenchSettings):
     return setup.model, setup.optimizer, setup.trainable
 
 
-def _timed_step(model, optimizer, ids, device) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) of one forward, backward and optimizer step."""
+def _timed_step(model, optimizer, ids, loss: str, device) -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds) of one forward, backward and optimizer step, the loss by ``loss``."""
     start, cpu_start = _now(device), time.process_time()
-    model(input_ids=ids, labels=ids).loss.backward()
+    (causal_lm_loss_sum(model, ids, None, ids, mode=loss) / ids[:, 1:].numel()).backward()
     if optimizer is not None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -363,16 +371,6 @@ def _now(device) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return time.perf_counter()
-
-
-def _peak_memory(device) -> int:
-    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else _max_rss()
-
-
-def _max_rss() -> int:
-    """This process's peak resident set size in bytes (Linux reports KiB, macOS bytes)."""
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
 
 
 def _shape_of(config) -> dict:

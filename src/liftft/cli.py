@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+from contextlib import contextmanager
+import warnings
+from importlib.metadata import version
 
+from liftft.commands import add_progress_flag
 from liftft.errors import RunStopped
 
 # Each module defines register(subparsers); its parser sets `func`.
@@ -17,10 +22,40 @@ def build_parser() -> argparse.ArgumentParser:
         prog="liftft",
         description="LIFT: fine-tune only the Principal Weights of a Hugging Face causal LM.",
     )
+    parser.add_argument("--version", action="version", version=f"liftft {version('liftft')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(f"liftft.commands.{name}").register(subparsers)
+    for command in subparsers.choices.values():
+        if command.get_default("progress") is None:  # every command takes --no-progress, as train and demo do
+            add_progress_flag(command)
     return parser
+
+
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """warnings' format for the CLI: one line saying what, without the source line that raised it."""
+    return f"liftft: warning: {message}\n"
+
+
+@contextmanager
+def progress_bars(shown: bool):
+    """Hide every tqdm bar, liftft's and transformers', inside the block unless ``shown``."""
+    if shown:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    before = os.environ.get("TQDM_DISABLE")
+    os.environ["TQDM_DISABLE"] = "1"
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+        if before is None:
+            os.environ.pop("TQDM_DISABLE")
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 def main(argv=None) -> int:
@@ -29,14 +64,19 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    formatwarning = warnings.formatwarning
+    warnings.formatwarning = one_line_warning
     try:
-        return args.func(args) or 0
+        with progress_bars(args.progress):
+            return args.func(args) or 0
     except (ValueError, TypeError, OSError) as err:  # bad input: a flag, a file, a directory, a disk
         print(f"liftft {args.command}: error: {err}", file=sys.stderr)
         return 2
     except RunStopped as err:
         print(f"liftft {args.command}: error: {err}", file=sys.stderr)
         return 1
+    finally:
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from liftft import distributed
@@ -18,6 +17,7 @@ from liftft.checkpoint import disk_errors_named, latest_checkpoint, load_checkpo
 from liftft.data import IGNORE_INDEX, DataCollator
 from liftft.delta import apply_delta, delta_from_optimizer, write_delta
 from liftft.errors import TrainingDiverged
+from liftft.loss import causal_lm_loss_sum, full_path_reason, loss_path
 
 logger = logging.getLogger("liftft")
 
@@ -41,6 +41,10 @@ class TrainingLoop:
         self.collate = DataCollator(pad_token_id)
         self.device = device
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        self.loss_mode = loss_path(model, args.loss)
+        if self.loss_mode != args.loss:
+            logger.warning("--loss %s: %s, so the loss is computed from the full logits", args.loss,
+                           full_path_reason(model))
         # Each of the world's ranks takes batch_size examples of every micro-batch.
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
@@ -145,9 +149,8 @@ class TrainingLoop:
         """The summed next-token cross-entropy of one collated ``batch`` over its target tokens."""
         batch = {k: v.to(self.device) for k, v in batch.items()}
         with self.autocast:
-            logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return F.cross_entropy(logits[:, :-1].float().flatten(0, 1), batch["labels"][:, 1:].flatten(),
-                               ignore_index=IGNORE_INDEX, reduction="sum")
+            return causal_lm_loss_sum(self.model, batch["input_ids"], batch["attention_mask"], batch["labels"],
+                                      mode=self.loss_mode)
 
     @torch.no_grad()
     def evaluate(self, examples) -> float:
@@ -201,5 +204,7 @@ class TrainingLoop:
     def _log(self, record: dict) -> None:
         if not self.is_main:
             return
+        logger.info("step %d: loss %.4f, lr %.3g, %d tokens", record["step"], record["loss"], record["lr"],
+                    record["tokens"])
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+import liftft
 from liftft import distributed, run_dir
 from liftft.atomic import atomic_directory, write_json_atomic
 from liftft.checkpoint import disk_errors_named
@@ -19,6 +20,7 @@ from liftft.data import encode_dataset, load_records, split_validation
 from liftft.delta import DELTA_FILE, META_FILE, save_delta
 from liftft.hf import load_model, load_tokenizer
 from liftft.loop import TrainingLoop
+from liftft.loss import check_loss_mode
 from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
 from liftft.preflight import check_budget, meta_model
 
@@ -30,7 +32,8 @@ ADAPTER_DIR = "adapter"
 # Everything `liftft train` writes in its output dir besides checkpoints and logs.
 OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, MERGED_DIR, ADAPTER_DIR)
 # Settings that may differ between a run and its resumption.
-_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout")
+# "loss" is among them: its modes differ by float rounding only.
+_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss")
 
 
 @dataclass
@@ -43,6 +46,8 @@ class TrainArgs:
     ``lift.seed`` are left at their defaults or agree with them; see
     :meth:`lift_config`. ``max_grad_norm`` is stored as
     :func:`liftft.config.clip_norm` reads it: 0 becomes None, no clipping.
+    ``loss`` is the mode of :func:`liftft.loss.causal_lm_loss_sum` (chunked,
+    full or liger).
     """
 
     model: str
@@ -63,6 +68,7 @@ class TrainArgs:
     step_in_backward: bool = False
     bf16: bool | None = None
     gradient_checkpointing: bool = False
+    loss: str = "chunked"
     val_size: int = 0
     template: str = "alpaca"
     seed: int = 43
@@ -109,6 +115,7 @@ class TrainArgs:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
+        check_loss_mode(self.loss)
         if self.step_in_backward:
             self._check_step_in_backward()
 
@@ -215,6 +222,17 @@ def _run_training(args: TrainArgs, device: torch.device):
 
 
 def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[dict]):
+    """Train in ``out``, logging to DIR/train.log from the first step of the work on (rank 0)."""
+    handler = _log_to(out) if distributed.is_main_process() else logging.NullHandler()
+    try:
+        logger.info("liftft train %s: %s", liftft.__version__, json.dumps(args.run_record(), default=str))
+        return _train_logged(args, device, out, records)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+
+
+def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: list[dict]):
     main = distributed.is_main_process()
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
 
@@ -227,36 +245,31 @@ def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[di
     setup = setup_method(model, args.method, args.lift_config(), lr=args.lr, weight_decay=args.weight_decay,
                          max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward)
     model = setup.model
+    share = f"{setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__}"
+    logger.info("method %s: %s trainable values (%s)", args.method, f"{setup.trainable:,}", share)
     if main:
-        print(f"liftft train: method={args.method} trainable={setup.trainable:,} "
-              f"({setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__})")
+        print(f"liftft train: method={args.method} trainable={setup.trainable:,} ({share})")
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
 
     run_info = {"args": args.run_record(), "world_size": distributed.world_size()}
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-    handler = _log_to(out) if main else logging.NullHandler()
-    try:
-        if main:
-            write_json_atomic(out / RUN_FILE, {**run_info, "status": "running", "data": data_stats,
-                                               "trainable": setup.trainable})
-        loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16)
-        loop.maybe_resume()
-        metrics = loop.run()
-        if val_examples:
-            metrics["eval_loss"] = loop.evaluate(val_examples)
-            logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
-        metrics.update(trainable=setup.trainable, data=data_stats)
-        if main:
-            with disk_errors_named(out):
-                _write_outputs(args, setup, tokenizer, metrics)
-            write_json_atomic(out / RUN_FILE, {**run_info, "status": "done", "metrics": metrics,
-                                               "trainable": setup.trainable})
-    finally:
-        logger.removeHandler(handler)
-        handler.close()
+        write_json_atomic(out / RUN_FILE, {**run_info, "status": "running", "data": data_stats,
+                                           "trainable": setup.trainable})
+    loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16)
+    loop.maybe_resume()
+    metrics = loop.run()
+    if val_examples:
+        metrics["eval_loss"] = loop.evaluate(val_examples)
+        logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
+    metrics.update(trainable=setup.trainable, data=data_stats)
+    if main:
+        with disk_errors_named(out):
+            _write_outputs(args, setup, tokenizer, metrics)
+        write_json_atomic(out / RUN_FILE, {**run_info, "status": "done", "metrics": metrics,
+                                           "trainable": setup.trainable})
+    logger.info("done: %s", json.dumps({k: v for k, v in metrics.items() if k != "data"}))
     return model, metrics
 
 

@@ -8,7 +8,7 @@ import math
 import os
 from pathlib import Path
 
-from liftft.commands import comma_list, target_modules_arg
+from liftft.commands import add_progress_flag, comma_list, target_modules_arg
 from liftft.config import SELECTORS, SVD_METHODS, TARGET_PRESETS, LiftConfig
 from liftft.template import TEMPLATES
 
@@ -91,7 +91,7 @@ def run_perturb(args) -> int:
     results = perturb(
         model, input_ids, selectors=selectors, rank=args.rank, density=args.density, filter_rank=args.filter_rank,
         mode=args.mode, noise=noise, seed=args.seed, svd=args.svd, target_modules=args.target_modules,
-        batch_size=args.batch_size, progress=True,
+        batch_size=args.batch_size, progress=args.progress,
     )
     output = _output_dir(args.output)
     settings = {key: getattr(args, key) for key in (
@@ -121,7 +121,7 @@ def _register_spectrum(analyses) -> None:
         "stable rank of ΔW, alignment of top singular subspaces. Writes spectrum.json, spectrum_rank.png "
         "and spectrum_alignment.png to --output.",
     )
-    p.add_argument("--base", required=True, help="base model: hub id or local directory")
+    p.add_argument("--model", "--base", dest="base", required=True, help="base model: hub id or local directory")
     p.add_argument("--tuned", required=True, nargs="+",
                    help="one or more fine-tunes of --base: merged model, liftft delta directory or PEFT adapter directory")
     p.add_argument("--labels", type=comma_list, help="comma-separated labels for the --tuned runs (default: their directory names)")
@@ -145,7 +145,7 @@ def run_spectrum(args) -> int:
     for label, path in zip(labels, args.tuned):
         tuned = _load_model(args.base, args.dtype, "cpu", adapter=path) if _adapter_kind(path) else _load_model(path, args.dtype, "cpu")
         try:
-            runs[label] = spectrum(base, tuned, top=args.top, target_modules=args.target_modules, device=device, progress=True)
+            runs[label] = spectrum(base, tuned, top=args.top, target_modules=args.target_modules, device=device, progress=args.progress)
         except ValueError as err:
             raise ValueError(f"--tuned {path}: {err}") from err
         del tuned
@@ -191,7 +191,7 @@ def run_overlap(args) -> int:
 
     model = _load_model(args.model, args.dtype, _device(args.device))
     result = overlap(model, rank=args.rank, density=args.density, filter_ranks=args.filter_rank, seed=args.seed,
-                     target_modules=args.target_modules, progress=True)
+                     target_modules=args.target_modules, progress=args.progress)
     output = _output_dir(args.output)
     settings = {key: getattr(args, key) for key in ("model", "rank", "density", "filter_rank", "seed", "target_modules", "dtype")}
     _write_json(output / "overlap.json", {"settings": settings, **result})
@@ -220,6 +220,7 @@ def _add_model_options(p, device_help: str = "device to run on") -> None:
                    "(as for `liftft train`; default: all-linear)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="dtype to load the model(s) in (default: float32)")
     p.add_argument("--device", default="auto", help=f"{device_help}: cpu, cuda, cuda:N, or auto (cuda when available)")
+    add_progress_flag(p)
 
 
 def _adapter_kind(path: str) -> str | None:

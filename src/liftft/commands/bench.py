@@ -19,13 +19,15 @@ def register(subparsers) -> None:
         description="Build a model from a config with random weights and train it for a few steps with each "
         "method on random tokens. Prints a table and, with --output, writes the figures as JSON.",
     )
-    p.add_argument("--model-config", required=True,
-                   help=f"model shape: a preset ({PRESETS}) or PATH to a config.json file or a directory holding one")
+    p.add_argument("--model-config", default="tiny",
+                   help=f"model shape: a preset ({PRESETS}) or PATH to a config.json file or a directory holding one "
+                   "(default: tiny)")
     p.add_argument("--methods", type=comma_list, default="floor,full,lora,lift",
                    help=f"comma-separated methods, from: {ALL_METHODS} (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
-    p.add_argument("--steps", type=int, default=10, help="timed steps; the median is reported (default: 10)")
+    p.add_argument("--timed-steps", "--steps", dest="steps", type=int, default=10,
+                   help="timed steps; the median is reported (default: 10)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps before them (default: 3)")
     p.add_argument("--rank", type=int, default=128,
                    help="LoRA rank, and LIFT's LoRA-parity budget k = (m+n)*rank per matrix (default: 128)")
@@ -35,7 +37,15 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="auto", choices=("auto", "bfloat16", "float16", "float32"),
                    help="weight dtype; auto is bfloat16 on CUDA and float32 on the CPU (default: auto)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the tokens (default: 0)")
-    p.add_argument("--output", metavar="FILE.json", help="also write the figures to this JSON file")
+    p.add_argument("--loss", default="chunked", choices=("chunked", "full", "liger"),
+                   help="how the step computes its cross-entropy: chunked (the logits a chunk of tokens at a time), "
+                   "full (all the fp32 logits at once) or liger (Liger-Kernel's fused kernel, if installed); "
+                   "a model whose logits are more than a linear head takes full (default: %(default)s)")
+    p.add_argument("--json", "--output", dest="output", metavar="FILE.json",
+                   help="also write the figures to this JSON file")
+    p.add_argument("--no-selection-timings", dest="selection_timings", action="store_false",
+                   help="skip lift's extra timings of every selection variant (exact and randomized SVD, batched and "
+                   "one by one), which take minutes at the 8B shape")
     p.set_defaults(func=run)
 
 
@@ -51,6 +61,7 @@ def run(args) -> int:
         model_config=args.model_config, methods=args.methods, batch_size=args.batch_size, seq_len=args.seq_len,
         steps=args.steps, warmup=args.warmup, rank=args.rank, filter_rank=args.filter_rank,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, seed=args.seed,
+        loss=args.loss, selection_timings=args.selection_timings,
     )
     report = run_bench(settings, progress=_print_progress)
     print(format_table(report))

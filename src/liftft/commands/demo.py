@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from liftft.commands import add_progress_flag
+
 
 def register(subparsers) -> None:
     from liftft.demo import DEMO_METHODS
@@ -19,7 +21,7 @@ def register(subparsers) -> None:
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help=f"comma-separated subset of {','.join(DEMO_METHODS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train and evaluate")
     p.add_argument("--seed", type=int, default=0, help="seed of the target data split and of fine-tuning")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_progress_flag(p)
     p.set_defaults(func=run)
 
 

@@ -16,7 +16,8 @@ def register(subparsers) -> None:
     )
     parser.add_argument("--delta", required=True, help="liftft delta directory (delta.safetensors and liftft.json)")
     parser.add_argument("--output", required=True, help="directory for the adapter")
-    parser.add_argument("--base", help="base model: a local directory or a hub id (default: the one the delta records)")
+    parser.add_argument("--model", "--base", dest="model",
+                        help="base model: a local directory or a hub id (default: the one the delta records)")
     parser.set_defaults(func=run)
 
 
@@ -24,6 +25,6 @@ def run(args) -> int:
     """Export and report where the adapter went."""
     from liftft.shira import export_shira
 
-    output = export_shira(args.delta, args.output, base=args.base)
+    output = export_shira(args.delta, args.output, base=args.model)
     print(f"wrote SHiRA adapter to {output}")
     return 0

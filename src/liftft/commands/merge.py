@@ -16,9 +16,8 @@ def register(subparsers) -> None:
             "output is replaced only if it is empty or a previous merge."
         ),
     )
-    parser.add_argument(
-        "--base", required=True, help="base model the delta was trained from: a local directory or a hub id"
-    )
+    parser.add_argument("--model", "--base", dest="model", required=True,
+                        help="base model the delta was trained from: a local directory or a hub id")
     parser.add_argument("--delta", required=True, help="liftft delta directory (delta.safetensors and liftft.json)")
     parser.add_argument("--output", required=True, help="directory for the merged model")
     parser.add_argument(
@@ -34,6 +33,6 @@ def run(args) -> int:
     """Merge and report where the model went."""
     from liftft.merge import merge_delta
 
-    output = merge_delta(args.base, args.delta, args.output, dtype=args.dtype)
+    output = merge_delta(args.model, args.delta, args.output, dtype=args.dtype)
     print(f"wrote merged model to {output}")
     return 0

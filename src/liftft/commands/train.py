@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from liftft.commands import target_modules_arg
+from liftft.commands import DefaultsShown, add_progress_flag, target_modules_arg
 from liftft.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
 from liftft.methods import METHODS
 
@@ -13,6 +13,7 @@ from liftft.methods import METHODS
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
+        formatter_class=DefaultsShown,
         help="fine-tune a Hugging Face causal LM with LIFT or a baseline",
         description="Fine-tune a causal LM on instruction data. Sparse methods write DIR/delta.safetensors and "
         "DIR/liftft.json; PEFT methods write DIR/adapter; full writes DIR/merged. --merge also writes DIR/merged.",
@@ -25,21 +26,26 @@ def register(subparsers) -> None:
                    help="lift (principal weights), magnitude / random / principal-smallest (same engine, other "
                    "selectors), full (AdamW on everything), lora / dora / pissa (PEFT)")
     p.add_argument("--rank", type=int, default=None,
-                   help="budget: LoRA rank r; sparse methods train min((m+n)*r, m*n) entries per matrix (default 128)")
+                   help="budget: LoRA rank r; sparse methods train min((m+n)*r, m*n) entries per matrix (default: 128)")
     p.add_argument("--density", type=float, default=None, help="budget for sparse methods: fraction of entries per matrix")
     p.add_argument("--filter-rank", type=int, default=64, help="rank of the SVD approximation LIFT selects from")
     p.add_argument("--update-interval", type=int, default=400,
                    help="optimizer steps between selection refreshes; 0 never refreshes")
     p.add_argument("--svd", default="randomized", choices=SVD_METHODS, help="SVD used for selection")
     p.add_argument("--bias-correction", default="matrix", choices=BIAS_CORRECTIONS,
-                   help="sparse methods: whose step count AdamW's bias correction uses. matrix (default, the paper's): the "
-                   "matrix's, so an entry newly selected at a refresh starts with zero moments but a large step count "
-                   "and its first steps exceed lr (about 1.1x under betas (0.9, 0.95)); entry: each entry counts its "
-                   "steps from the refresh that selected it, like a fresh AdamW, at 1 byte more per trained entry")
+                   help="sparse methods: whose step count AdamW's bias correction uses. matrix (the paper's): the "
+                   "matrix's, so an entry newly selected at a refresh starts with zero moments but a large step count, "
+                   "and its steps grow to 1.1x a fresh AdamW's under betas (0.9, 0.95), 3.8x under (0.9, 0.999); "
+                   "entry: each entry counts its steps from the refresh that selected it, like a fresh AdamW, at 1 "
+                   "byte more per trained entry")
     p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="all-linear, mlp, attn, a comma-separated list of module-name suffixes, or a regex")
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default 3)")
+    p.add_argument("--loss", default="chunked", choices=("chunked", "full", "liger"),
+                   help="how the cross-entropy is computed: chunked (the logits a chunk of tokens at a time, in forward "
+                   "and backward), full (all the fp32 logits at once) or liger (Liger-Kernel's fused kernel: "
+                   "pip install 'liftft[liger]'); a model whose logits are more than a linear head takes full")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 3)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps, instead of --epochs")
     p.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch")
     p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
@@ -71,7 +77,7 @@ def register(subparsers) -> None:
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
     p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    add_progress_flag(p)
     p.set_defaults(func=run)
 
 
@@ -96,7 +102,7 @@ def train_args_from(args):
         max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, val_size=args.val_size, template=args.template,
         seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps,
-        save_total_limit=args.save_total_limit, dist_timeout=args.dist_timeout, device=args.device,
+        save_total_limit=args.save_total_limit, loss=args.loss, dist_timeout=args.dist_timeout, device=args.device,
         progress=args.progress,
     )
 

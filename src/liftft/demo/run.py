@@ -45,6 +45,8 @@ def run_demo(output="demo_out", *, quick: bool = False, methods=DEMO_METHODS, de
     output.mkdir(parents=True, exist_ok=True)
     device = resolve_device(device)
     settings = DemoSettings.quick() if quick else DemoSettings()
+    cache = base_path(settings.base)
+    _stage(f"base model: {'cached' if cache.exists() else 'pretraining it once'} at {cache} (LIFTFT_CACHE moves it)")
     base = get_base(settings.base, device=device, progress=progress)
     target_train, target_test = settings.target_split(seed)
     source_test = settings.source_test()
@@ -52,15 +54,22 @@ def run_demo(output="demo_out", *, quick: bool = False, methods=DEMO_METHODS, de
     data_file.write_text(json.dumps(target_train))
     evaluate = _Evaluator(base.tokenizer, source_test, target_test)
 
+    _stage("evaluating the base on the source facts and the target problems")
     results = {"base": evaluate(base.model), "methods": {},
                "settings": _settings_record(settings, quick, seed, device, base)}
     del base
-    for method in methods:
+    for i, method in enumerate(methods, 1):
+        _stage(f"method {i} of {len(methods)}: {method}: fine-tuning, then evaluating")
         results["methods"][method] = _fine_tune(method, settings, data_file, output, device, seed, evaluate, progress)
+    _stage(f"writing {output / 'demo_results.json'} and {output / 'demo.png'}")
     (output / "demo_results.json").write_text(json.dumps(results, indent=2))
     plot(results, output / "demo.png")
     print(table(results))
     return results
+
+
+def _stage(text: str) -> None:
+    print(f"liftft demo: {text}", flush=True)
 
 
 def _fine_tune(method, settings, data_file, output, device, seed, evaluate, progress) -> dict:

@@ -1,0 +1,120 @@
+"""Every command and code block the README shows runs as written, on a tiny model.
+
+The README's placeholders (M, FILE, DIR, OUT, hub ids) are filled with tiny local stand-ins, and sizes are
+shrunk with flags appended after the README's own. Commands that take minutes or several processes run in the
+test named for them instead; `test_every_readme_command_is_run_here_or_named` keeps this list complete.
+"""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import shared_path
+from liftft.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+HUB_ID = "meta-llama/Llama-3.2-1B"
+TRAIN_SIZE = ["--rank", "2", "--filter-rank", "4", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
+              "--max-seq-len", "128", "--save-steps", "1", "--no-progress"]
+ELSEWHERE = {
+    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && liftft demo':
+        ".ci/run installs the same way; tests/test_demo.py runs liftft demo --quick",
+    "liftft demo": "tests/test_demo.py runs liftft demo --quick",
+    "python -m pytest": "the test suite itself",
+    f"torchrun --nproc-per-node 8 -m liftft train --model {HUB_ID} --data math.json --output runs/lift":
+        "tests/test_distributed.py::test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate",
+    f"accelerate launch --multi_gpu --num_processes 8 -m liftft train --model {HUB_ID} --data math.json --output runs/lift":
+        "tests/test_distributed.py::test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate",
+}
+RUN_HERE = [
+    "liftft train --step-in-backward --grad-accum 1 --max-grad-norm 0",
+    "liftft train --model M --data FILE --output DIR --method lift",
+    "liftft eval --model M [--delta DIR | --adapter DIR] --data-dir LLM-Adapters/dataset --output DIR --tasks math",
+    "liftft merge --model M --delta DIR --output OUT",
+    "liftft export-shira --delta DIR --output OUT",
+    "liftft analyze perturb --model M --data FILE --output DIR",
+    "liftft analyze spectrum --model M --tuned DIR --output OUT",
+    "liftft analyze overlap --model M --output OUT",
+    "liftft bench",
+]
+
+
+def readme_commands() -> set[str]:
+    """Every shell line in the README's bash blocks, and every `liftft ...` it shows in its command table or with
+    flags in its text."""
+    text = README.read_text()
+    commands = {line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                for line in block.splitlines() if line.strip()}
+    commands |= set(re.findall(r"^\| `(liftft [^`]*)`", text, re.M))
+    commands |= {span for span in re.findall(r"`(liftft [a-z-]+ [^`]*)`", text) if "--" in span}
+    return {command.replace("\\|", "|") for command in commands if command != "liftft COMMAND --help"}
+
+
+def test_every_readme_command_is_run_here_or_named():
+    assert readme_commands() == set(ELSEWHERE) | set(RUN_HERE)
+
+
+@pytest.fixture(scope="module")
+def runs(base_dir, data_file, tmp_path_factory):
+    """A LIFT run and a LoRA run of the README's train command on the tiny model."""
+    root = tmp_path_factory.mktemp("readme")
+    for method in ("lift", "lora"):
+        assert cli("liftft train --model M --data FILE --output DIR --method lift", base_dir, data_file,
+                   root / method, *TRAIN_SIZE, "--method", method) == 0
+    return root
+
+
+def cli(command: str, model: Path, data: Path, directory: Path, *extra, out: Path | None = None) -> int:
+    """Run a README command through `liftft`'s main with its placeholders filled in and ``extra`` flags after."""
+    filled = {"M": str(model), "FILE": str(data), "DIR": str(directory), "OUT": str(out or directory)}
+    argv = [filled.get(word, word) for word in shlex.split(command)][1:]
+    return main([*argv, *map(str, extra)])
+
+
+def test_train_and_step_in_backward(runs, base_dir, data_file, tmp_path):
+    assert (runs / "lift" / "delta.safetensors").is_file() and (runs / "lora" / "adapter").is_dir()
+    assert cli(RUN_HERE[0], base_dir, data_file, tmp_path, "--model", base_dir, "--data", data_file, "--output",
+               tmp_path / "sib", *TRAIN_SIZE) == 0
+
+
+@pytest.mark.parametrize("source", ["--delta DIR", "--adapter DIR"])
+def test_eval_with_a_delta_or_an_adapter(source, runs, base_dir, data_file, tmp_path):
+    template = RUN_HERE[2].replace("[--delta DIR | --adapter DIR]", source)
+    template = template.replace("LLM-Adapters/dataset", str(shared_path("test")))
+    directory = runs / "lift" if source == "--delta DIR" else runs / "lora" / "adapter"
+    command = template.replace("--output DIR", f"--output {tmp_path / 'eval'}")
+    assert cli(command, base_dir, data_file, directory, "--limit", "1", "--max-new-tokens", "4", "--no-progress") == 0
+    assert (tmp_path / "eval" / "results.json").is_file()
+
+
+def test_merge_and_export_shira(runs, base_dir, data_file, tmp_path):
+    assert cli(RUN_HERE[3], base_dir, data_file, runs / "lift", out=tmp_path / "merged") == 0
+    assert cli(RUN_HERE[4], base_dir, data_file, runs / "lift", out=tmp_path / "shira") == 0
+    assert (tmp_path / "merged" / "config.json").is_file() and (tmp_path / "shira" / "adapter_config.json").is_file()
+
+
+def test_the_three_analyses(runs, base_dir, data_file, tmp_path):
+    assert cli(RUN_HERE[5], base_dir, data_file, tmp_path / "perturb", "--limit", "2", "--no-progress") == 0
+    assert cli(RUN_HERE[6], base_dir, data_file, runs / "lift", out=tmp_path / "spectrum") == 0
+    assert cli(RUN_HERE[7], base_dir, data_file, tmp_path, out=tmp_path / "overlap") == 0
+    assert all((tmp_path / name / f"{name}.json").is_file() for name in ("perturb", "spectrum", "overlap"))
+
+
+def test_bench(tmp_path):
+    assert main(["bench", "--steps", "1", "--warmup", "0", "--seq-len", "16", "--batch-size", "1", "--methods", "lift",
+                 "--device", "cpu", "--output", str(tmp_path / "bench.json")]) == 0
+
+
+def test_the_python_api_block(base_dir, data_file, tmp_path, monkeypatch):
+    code = re.search(r"```python\n(.*?)```", README.read_text(), re.S).group(1).replace(HUB_ID, str(base_dir))
+    monkeypatch.chdir(tmp_path)
+    ids = torch.randint(3, 512, (2, 10), generator=torch.Generator().manual_seed(0))
+    scope = {"loader": [{"input_ids": ids, "labels": ids}] * 2}
+    exec(code, scope)  # noqa: S102 - the README's own example
+    for (name, trained), rebuilt in zip(scope["model"].named_parameters(), scope["base_model"].parameters()):
+        assert torch.equal(trained, rebuilt), name
