@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from liftft.cli import main
-from liftft.selection import shape_groups, budget, select_indices, select_many
+from liftft.selection import budget, select_indices, select_many, shape_groups
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank", "ignore::FutureWarning")
 
@@ -59,6 +59,16 @@ def test_bench_tiny_runs_and_writes_every_key(tmp_path, capsys):
     assert report["ratios"]["lift/full"]["tokens_per_s"] == pytest.approx(lift["tokens_per_s"] / methods["full"]["tokens_per_s"])
     printed = capsys.readouterr().out
     assert "tokens/s" in printed and "lift/lora" in printed
+
+
+def test_a_rank_that_trains_matrices_whole_is_named_under_the_table(capsys):
+    assert main(["bench", "--methods", "lora,lift", "--batch-size", "1", "--seq-len", "8", "--timed-steps", "1",
+                 "--warmup", "0", "--rank", "40", "--filter-rank", "4", "--device", "cpu",
+                 "--no-selection-timings"]) == 0
+    printed = capsys.readouterr().out
+    lift = sum(min((m + n) * 40, m * n) for m, n in TINY_SHAPES)
+    assert f"lift trains {lift:,} values against LoRA's {tiny_lora_parity(40):,}" in printed
+    assert "matrices: randomized" not in printed  # --no-selection-timings
 
 
 def test_bench_runs_the_lift_variants(tmp_path):

@@ -22,7 +22,8 @@ HUB_ID = "meta-llama/Llama-3.2-1B"
 TRAIN_SIZE = ["--rank", "2", "--filter-rank", "4", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
               "--max-seq-len", "128", "--save-steps", "1", "--no-progress"]
 ELSEWHERE = {
-    'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[test]" && liftft demo':
+    "python3 -m venv .venv && . .venv/bin/activate && pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    ' && pip install -e ".[test]" && liftft demo':
         ".ci/run installs the same way; tests/test_demo.py runs liftft demo --quick",
     "liftft demo": "tests/test_demo.py runs liftft demo --quick",
     "python -m pytest": "the test suite itself",

@@ -299,6 +299,10 @@ def format_table(report: dict) -> str:
                      f"{t['exact_unbatched_s']:.3f} s one by one")
     for key, r in report["ratios"].items():
         lines.append(f"{key}: tokens/s {r['tokens_per_s']:.2f}x, peak memory {r['peak_memory']:.2f}x")
+    if "lift" in methods and "lora" in methods and methods["lift"]["trainable"] < methods["lora"]["trainable"]:
+        lines.append(f"note: at --rank {report['settings']['rank']} some matrices of this model are smaller than "
+                     f"LoRA's budget and are trained whole, so lift trains {methods['lift']['trainable']:,} values "
+                     f"against LoRA's {methods['lora']['trainable']:,}; a smaller --rank compares equal budgets")
     lines.append(f"loss (--loss {report['settings']['loss']}): "
                  + ", ".join(f"{name} {r['loss_path']}" for name, r in methods.items()))
     if cpu:
