@@ -127,6 +127,7 @@ def _rank_main(rank: int, store: str, out: str) -> None:
         _broadcast(rank, out)
         _fsdp2(rank, mine, out)
         _fsdp2_shard_without_entries(rank, mine, out)
+        dist.barrier()  # no rank tears the group down while another still uses it
     except BaseException:
         # Printed now: tearing the group down under a rank that failed mid-collective can abort the process
         # before Python would print the traceback.

@@ -192,7 +192,11 @@ def run_training(args: TrainArgs):
     joined = distributed.init_from_launcher(device.type, timeout_s=args.dist_timeout)
     try:
         with distributed.named_timeouts(args.dist_timeout):
-            return _run_training(args, device)
+            result = _run_training(args, device)
+            # Rank 0 writes the outputs after the others are done; a rank that tore its group down meanwhile could
+            # abort at exit ("terminate called without an active exception"), so all finish together.
+            distributed.barrier()
+            return result
     finally:
         if joined:
             torch.distributed.destroy_process_group()
