@@ -103,6 +103,11 @@ def gather_selected(grad, row_offsets, columns, n_columns) -> torch.Tensor:
         from liftft import kernels
 
         return kernels.gather_selected(grad, row_offsets, columns, n_columns)
+    return torch_gather_selected(grad, row_offsets, columns, n_columns)
+
+
+def torch_gather_selected(grad, row_offsets, columns, n_columns) -> torch.Tensor:
+    """:func:`gather_selected` in plain torch: the CPU path, and the reference of the gather kernel."""
     return grad.index_select(0, expand(row_offsets, columns, n_columns)).float()
 
 
@@ -156,7 +161,7 @@ def kernel_mismatch(device, dtype: torch.dtype) -> str | None:
         _check_step(kernels.sparse_adamw_step, fused, layout)
     except Exception as err:  # whatever goes wrong in a kernel is a reason to fall back, never to stop training
         return f"the kernel raised {type(err).__name__}: {err}"
-    reference["gathered"] = reference["grad"].index_select(0, expand(*layout)).float()
+    reference["gathered"] = torch_gather_selected(reference["grad"], *layout)
     _check_step(torch_sparse_adamw, reference, layout)
     for key in [key for key in ("gathered", "exp_avg", "exp_avg_sq", "master", "weight") if key in reference]:
         rtol = torch.finfo(dtype).eps if key == "weight" else KERNEL_TOLERANCE["state_rtol"]

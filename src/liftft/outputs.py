@@ -15,14 +15,24 @@ def check_output_dir(output, marker: str, kind: str, ignore: tuple[str, ...] = (
     left alone. Files named in ``ignore`` (the caller's own lock) do not count.
     """
     output = Path(output).expanduser()
-    if output.exists() and not output.is_dir():
-        raise ValueError(f"output {output} exists and is not a directory")
+    refuse_non_directory(output, "output")
     if output.is_dir() and any(p.name not in ignore for p in output.iterdir()) and not (output / marker).is_file():
         raise ValueError(
             f"output directory {output} is not empty and is not a previous liftft {kind} (no {marker}); "
             "choose another output or remove it"
         )
     return output
+
+
+def refuse_non_directory(path: Path, name: str) -> None:
+    """Raise ValueError naming ``name`` (e.g. "--output") when ``path`` exists as something other than a directory."""
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{name} {path} exists and is not a directory")
+
+
+def not_writable(directory: Path, name: str, err: OSError) -> ValueError:
+    """The error for a directory ``name`` names in which a file could not be created, saying why."""
+    return ValueError(f"{name} {directory} is not writable: {err.strerror or err}")
 
 
 def check_writable_dir(directory, name: str) -> None:
@@ -34,15 +44,14 @@ def check_writable_dir(directory, name: str) -> None:
     fails later leaves nothing behind.
     """
     directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ValueError(f"{name} {directory} exists and is not a directory")
+    refuse_non_directory(directory, name)
     # Deepest first, the order in which they can be removed.
     created = [path for path in (directory, *directory.parents) if not path.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         tempfile.TemporaryFile(dir=directory).close()
     except OSError as err:
-        raise ValueError(f"{name} {directory} is not writable: {err.strerror or err}") from err
+        raise not_writable(directory, name, err) from err
     finally:
         for path in created:
             if path.is_dir():

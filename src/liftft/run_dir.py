@@ -24,7 +24,7 @@ from liftft import distributed
 from liftft.atomic import remove_leftovers
 from liftft.checkpoint import remove_checkpoint_leftovers
 from liftft.hf import looks_local
-from liftft.outputs import check_output_dir, differing_settings
+from liftft.outputs import check_output_dir, differing_settings, not_writable, refuse_non_directory
 
 RUN_FILE = "run.json"
 LOCK_FILE = ".liftft.lock"
@@ -88,11 +88,10 @@ def take(output: Path) -> Path | None:
     lock, error = None, None
     if distributed.is_main_process():
         try:
-            if output.exists() and not output.is_dir():
-                raise ValueError(f"--output {output} exists and is not a directory")
+            refuse_non_directory(output, "--output")
             lock = acquire(output)
         except OSError as err:
-            error = ValueError(f"--output {output} is not writable: {err.strerror or err}")
+            error = not_writable(output, "--output", err)
         except ValueError as err:
             error = err
     (failed,) = distributed.sum_across_ranks([float(error is not None)])
