@@ -57,8 +57,13 @@ def fingerprint(values: torch.Tensor) -> str:
 def delta_from_optimizer(opt) -> Delta:
     """Every entry ``opt`` ever trained, as final minus base in fp32, with per-weight base fingerprints.
 
-    Under FSDP2 this is this rank's rows, in shard coordinates; see :func:`sharded_delta`.
+    Under FSDP2 this is :func:`sharded_delta`, a collective that every rank must call.
     """
+    return sharded_delta(opt) if opt.sharded else _local_delta(opt)
+
+
+def _local_delta(opt) -> Delta:
+    """The delta of the tensors ``opt`` steps: under FSDP2, this rank's rows in shard coordinates."""
     entries, weights, exact = {}, {}, {}
     for name, p, _ in opt.trained_parameters():
         trained = opt.trained_entries(name)
@@ -84,7 +89,7 @@ def sharded_delta(opt) -> Delta:
     (global flat indices, shapes and base fingerprints of the full matrices).
     Write it from rank 0 with :func:`write_delta`.
     """
-    delta = delta_from_optimizer(opt)  # this rank's rows, in shard coordinates
+    delta = _local_delta(opt)
     for name, view, _ in opt.trained_parameters():
         param = opt.sharded_parameter(view)
         rows, columns = distributed.shard_rows(param), param.shape[1]
@@ -136,11 +141,14 @@ def save_delta(opt, path, *, base_model: str | None = None, training_args: dict 
     that re-application stays exact); dense params are saved whole as
     ``<name>.values``. The JSON holds the LIFT config,
     the base model, shapes and base fingerprints, training arguments and metrics.
-    Both files are written atomically.
+    Both files are written atomically. Under FSDP2 every rank must call it (the
+    delta is gathered from every rank's rows, see :func:`sharded_delta`) and
+    rank 0 alone writes; the files are those of an unsharded run.
     """
     delta = delta_from_optimizer(opt)
     delta.meta.update(base_model=base_model, training_args=training_args or {}, metrics=metrics or {})
-    write_delta(delta, path)
+    if not opt.sharded or distributed.is_main_process():
+        write_delta(delta, path)
     return Path(path)
 
 
@@ -179,14 +187,19 @@ def load_delta(path) -> Delta:
     return Delta(entries, meta, exact)
 
 
-def check_compatible(model: nn.Module, delta: Delta) -> None:
-    """Raise ValueError naming the first weight whose shape or base fingerprint differs from the delta's base."""
-    params = dict(model.named_parameters())
+def check_shapes(params: dict[str, torch.Tensor], delta: Delta) -> None:
+    """Raise ValueError naming the first weight of ``delta`` missing from ``params`` (by name) or shaped otherwise."""
     for name, info in delta.meta["weights"].items():
         if name not in params:
             raise ValueError(f"delta weight {name} is not in the model")
         if list(params[name].shape) != info["shape"]:
             raise ValueError(f"shape mismatch at {name}: model has {list(params[name].shape)}, delta expects {info['shape']}")
+
+
+def check_compatible(model: nn.Module, delta: Delta) -> None:
+    """Raise ValueError naming the first weight whose shape or base fingerprint differs from the delta's base."""
+    params = dict(model.named_parameters())
+    check_shapes(params, delta)
     for name, info in delta.meta["weights"].items():
         idx, _ = delta.entries[name]
         p = params[name].detach()
@@ -209,18 +222,28 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
     fingerprint does not match.
     """
     delta = path if isinstance(path, Delta) else load_delta(path)
-    check_compatible(model, delta)
     params = dict(model.named_parameters())
+    sharded = [name for name in delta.entries if name in params and distributed.is_dtensor(params[name])]
+    if sharded:
+        raise ValueError(f"{sharded[0]} is sharded by FSDP2: apply the delta before fully_shard, or on every rank "
+                         "with liftft.fsdp.apply_delta_to_shards")
+    check_compatible(model, delta)
     for name, (idx, values) in delta.entries.items():
         p = params[name]
-        values = values.to(p.device)
-        flat = p.view(-1)
-        if idx is None:
-            p.copy_((p.to(values.dtype) + scale * values).to(p.dtype))
-        else:
-            idx = idx.to(p.device).long()
-            flat[idx] = (flat[idx].to(values.dtype) + scale * values).to(p.dtype)
-        if scale == 1 and name in delta.exact:
-            positions, exact = (t.to(p.device) for t in delta.exact[name])
-            flat[positions if idx is None else idx[positions]] = exact.to(p.dtype)
+        exact = delta.exact.get(name) if scale == 1 else None
+        add_entries(p.view(-1), None if idx is None else idx.long(), scale * values, exact)
     return model
+
+
+def add_entries(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor, exact=None) -> None:
+    """Add ``values`` (wide dtype) to ``flat`` at ``idx`` (all of it when None), rounding once to flat's dtype;
+    then write ``exact`` (positions among the entries, values), the entries that rounding would miss."""
+    values = values.to(flat.device)
+    if idx is None:
+        flat.copy_((flat.to(values.dtype) + values).to(flat.dtype))
+    else:
+        idx = idx.to(flat.device)
+        flat[idx] = (flat[idx].to(values.dtype) + values).to(flat.dtype)
+    if exact is not None:
+        positions, exact_values = (t.to(flat.device) for t in exact)
+        flat[positions if idx is None else idx[positions]] = exact_values.to(flat.dtype)

@@ -78,6 +78,15 @@ def init_from_launcher(device_type: str, timeout_s: float | None = None) -> bool
     return True
 
 
+def init_alone(device_type: str) -> bool:
+    """Start a process group of this process alone, which FSDP2 needs outside a launcher; True if this call did."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(backend="nccl" if device_type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    return True
+
+
 @contextmanager
 def named_timeouts(timeout_s: float):
     """Turn a collective's timeout inside the block into :class:`CollectiveTimeout`, naming this rank and the limit."""

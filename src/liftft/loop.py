@@ -15,7 +15,8 @@ from tqdm.auto import tqdm
 from liftft import distributed
 from liftft.checkpoint import disk_errors_named, latest_checkpoint, load_checkpoint, save_checkpoint
 from liftft.data import IGNORE_INDEX, DataCollator
-from liftft.delta import apply_delta, delta_from_optimizer, write_delta
+from liftft.delta import apply_delta, delta_from_optimizer, load_delta, write_delta
+from liftft.fsdp import apply_delta_to_shards, gathered_state_dicts
 from liftft.errors import TrainingDiverged
 from liftft.loss import causal_lm_loss_sum, full_path_reason, loss_path
 
@@ -48,6 +49,7 @@ class TrainingLoop:
         # Each of the world's ranks takes batch_size examples of every micro-batch.
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
+        self.sharded = args.fsdp  # FSDP2: forward, backward and checkpoints are collectives of every rank
         self.micro_per_epoch = math.ceil(len(examples) / (args.batch_size * self.world))
         self.steps_per_epoch = math.ceil(self.micro_per_epoch / args.grad_accum)
         self.total_steps = args.max_steps or math.ceil(args.epochs * self.steps_per_epoch)
@@ -68,11 +70,13 @@ class TrainingLoop:
         if checkpoint is None:
             return
         tensors, state = load_checkpoint(checkpoint)
-        if self.setup.kind == "sparse":
+        if self.sharded:
+            apply_delta_to_shards(self.model, load_delta(checkpoint))
+        elif self.setup.kind == "sparse":
             apply_delta(self.model, checkpoint)
         else:
             self.model.load_state_dict(tensors, strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.optimizer.load_state_dict(state["optimizer_shards"][self.rank] if self.sharded else state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
@@ -99,7 +103,8 @@ class TrainingLoop:
             self._log({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "seconds": round(self.elapsed, 3)})
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
             bar.update(1)
-            if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps and self.is_main:
+            if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps and (
+                    self.is_main or self.sharded):
                 self.save()
         bar.close()
         self._refuse_nonfinite()
@@ -128,6 +133,9 @@ class TrainingLoop:
             loss_sum = self.loss_sum(batch)
             (loss_sum / n_tokens * self.world).backward()
             total += loss_sum.item()
+        if self.sharded:  # FSDP2's forward and backward are collectives: match the ranks with more micro-batches
+            for _ in range(len(micro_batches) - len(batches)):
+                (self.loss_sum(self.collate(self.examples[:1])) * 0.0).backward()
         seen = sum(int(b["attention_mask"].sum()) for b in batches)
         total, seen = distributed.sum_across_ranks([total, seen])
         if self.setup.kind != "sparse" and self.world > 1:  # LiftAdamW averages its own gathered gradients
@@ -164,19 +172,28 @@ class TrainingLoop:
         self.model.train()
         return total / max(count, 1)
 
-    def save(self) -> Path:
+    def save(self) -> Path | None:
         """Write a checkpoint of the trained values, optimizer, scheduler and position; returns its directory.
+
+        Under FSDP2 every rank calls it and rank 0 writes (the others get None).
 
         Raises :class:`TrainingDiverged` instead when a trained value is not
         finite, so every checkpoint written holds a state worth resuming.
         """
         self._refuse_nonfinite()
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                 "rng": torch.get_rng_state(), "step": self.step, "tokens": self.tokens, "elapsed": self.elapsed}
+        state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(), "step": self.step,
+                 "tokens": self.tokens, "elapsed": self.elapsed}
+        if self.sharded:  # each rank's state, of its own rows' entries; the delta gathers every rank's rows
+            state["optimizer_shards"] = gathered_state_dicts(self.optimizer)
+            delta = delta_from_optimizer(self.optimizer)
+            if not self.is_main:
+                return None
+        else:
+            state["optimizer"] = self.optimizer.state_dict()
         keep = self.args.save_total_limit
         with disk_errors_named(self.out):
             if self.setup.kind == "sparse":
-                delta = delta_from_optimizer(self.optimizer)
+                delta = delta if self.sharded else delta_from_optimizer(self.optimizer)
                 path = save_checkpoint(self.out, self.step, tensors=None, write_extra=lambda d: write_delta(delta, d),
                                        state=state, keep=keep)
             else:
@@ -190,10 +207,13 @@ class TrainingLoop:
         return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _refuse_nonfinite(self) -> None:
-        for name, p in self._trained_tensors().items():
-            if not bool(torch.isfinite(p).all()):
-                raise TrainingDiverged(self._diverged(f"{name} holds non-finite values after step {self.step}, "
-                                                      "which no checkpoint or output will hold"))
+        bad = next((name for name, p in self._trained_tensors().items() if not bool(torch.isfinite(p).all())), None)
+        # Under FSDP2 each rank checks its own rows, and all stop together.
+        (ranks_bad,) = distributed.sum_across_ranks([bad is not None]) if self.sharded else (bad is not None,)
+        if ranks_bad:
+            where = bad or "a weight on another rank"
+            raise TrainingDiverged(self._diverged(f"{where} holds non-finite values after step {self.step}, "
+                                                  "which no checkpoint or output will hold"))
 
     def _diverged(self, what: str) -> str:
         """One line for a diverged run: what happened, and the newest checkpoint, every one of which is finite."""

@@ -72,12 +72,18 @@ def full_path_reason(model: nn.Module) -> str | None:
       hooks (a LoRA-wrapped or quantized head, or one routed by
       ``LiftConfig(sampled_grad=True)``, is not);
     - the model's forward is its class's and it has no forward hooks, which
-      could change the logits it returns.
+      could change the logits it returns;
+    - it is not sharded by FSDP2, whose root gathers the head's weight only
+      around the model's own forward.
 
     Forward pre-hooks on the top-level model do not run in the chunked path
     (the decoder's own do): LiftAdamW's, the only one liftft registers there,
     watches for DistributedDataParallel, whose forward this path never runs in.
     """
+    from liftft.fsdp import is_sharded
+
+    if is_sharded(model):
+        return "FSDP2 shards the head's weight outside the model's own forward"
     model = _unwrap_peft(model)
     if model is None:
         return "a PEFT prompt-learning model changes its inputs in its own forward"

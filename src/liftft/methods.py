@@ -7,12 +7,13 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from liftft import distributed
 from liftft.config import LiftConfig, clip_norm
 from liftft.optim import LiftAdamW
 from liftft.targets import find_targets
 
 SPARSE_SELECTORS = {"lift": "principal", "magnitude": "magnitude", "random": "random",
-                    "principal-smallest": "principal-smallest"}
+                    "principal-smallest": "principal-smallest", "s2ft": "s2ft"}
 PEFT_METHODS = ("lora", "dora", "pissa")
 METHODS = (*SPARSE_SELECTORS, "full", *PEFT_METHODS)
 # The LiftConfig default, which the method overrides; methods without a selector keep it.
@@ -67,7 +68,7 @@ def setup_method(
 ) -> MethodSetup:
     """Prepare ``model`` for ``method`` with the budget and targets of ``cfg``, and build its optimizer.
 
-    Sparse methods (lift, magnitude, random, principal-smallest) use
+    Sparse methods (lift, magnitude, random, principal-smallest, s2ft) use
     :class:`LiftAdamW` with that selector (see :func:`method_config`); ``full``
     is torch AdamW over every parameter (fused on CUDA); lora, dora and pissa
     are PEFT adapters with r = ``cfg.rank``, alpha = 2r, on ``cfg``'s target
@@ -83,7 +84,8 @@ def setup_method(
     if method in SPARSE_SELECTORS:
         opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=clip,
                         step_in_backward=step_in_backward)
-        return MethodSetup(model, opt, opt.num_selected, "sparse")
+        (selected,) = distributed.sum_across_ranks([opt.num_selected]) if opt.sharded else (opt.num_selected,)
+        return MethodSetup(model, opt, int(selected), "sparse")
     if step_in_backward:
         raise ValueError(f"step_in_backward is for the sparse methods ({', '.join(SPARSE_SELECTORS)}), not {method}")
     if method == "full":

@@ -16,10 +16,11 @@ from torch import nn
 
 from liftft import distributed
 from liftft.config import LiftConfig, clip_norm
-from liftft.functional import clip_coefficient, dense_adamw, sparse_adamw, use_kernels
+from liftft.functional import clip_coefficient, dense_adamw, gradient_norm, sparse_adamw, use_kernels
 from liftft.gradients import GradientGatherer, remove_all
 from liftft.layout import index_dtype
-from liftft.selection import budget, iter_select_many, selection_seed
+from liftft.plan import selection_plan
+from liftft.selection import budget
 from liftft.target_state import (bias_correction_steps, carried_state, current_fp32, dense_state, flat_indices,
                                  fresh_state, loaded_state, record_touched)
 from liftft.targets import check_trainable, find_targets, freeze_all_but, named_dense
@@ -51,6 +52,9 @@ class LiftAdamW(torch.optim.Optimizer):
     The hooks do not keep the optimizer alive; :meth:`close` (or leaving a
     ``with LiftAdamW(...) as opt:`` block) removes them at once, after which
     the model trains with any other optimizer as if LIFT had never hooked it.
+
+    ``scores`` ({target name: scores}, from :func:`liftft.gradient_scores`)
+    are what ``LiftConfig(selector="gradient")`` selects from, once.
     """
 
     def __init__(
@@ -64,10 +68,12 @@ class LiftAdamW(torch.optim.Optimizer):
         max_grad_norm: float | None = None,
         dense_params: Iterable[nn.Parameter] | None = None,
         step_in_backward: bool = False,
+        scores: dict[str, torch.Tensor] | None = None,
     ):
         max_grad_norm = clip_norm(max_grad_norm)
         _check_hyperparameters(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm)
         targets, dense, shards = _trained_tensors(model, cfg, dense_params)
+        plan = selection_plan(model, targets, cfg, scores)
         # Under FSDP2 the optimizer works on each target's local shard: plain tensors, indexed like any weight.
         keys = {name: shards.get(name, p) for name, p in targets.items()}
 
@@ -77,8 +83,10 @@ class LiftAdamW(torch.optim.Optimizer):
             groups.append(dict(params=list(dense.values()), kind="dense", names=list(dense)))
         super().__init__(groups, defaults)
         self.cfg = cfg
+        self._plan = plan
         self.max_grad_norm = max_grad_norm
         self.step_in_backward = step_in_backward
+        self._grad_norm = None
         self._keys = keys
         self._sharded = {shards[name]: targets[name] for name in shards}
         self._gatherer = GradientGatherer(model, targets, keys, self._layout_of, cfg.sampled_grad,
@@ -126,8 +134,14 @@ class LiftAdamW(torch.optim.Optimizer):
 
     @property
     def num_selected(self) -> int:
-        """Total number of selected entries over all targets."""
+        """Total number of selected entries over all targets (of this rank's rows under FSDP2)."""
         return sum(self.state[key]["columns"].numel() for key in self._keys.values())
+
+    @property
+    def grad_norm(self) -> torch.Tensor | None:
+        """The gradient norm the last ``step()`` clipped by (before clipping; over the gathered entries and the dense
+        params' gradients, as torch's clip_grad_norm_ reports it), a 0-d tensor; None while nothing was clipped."""
+        return self._grad_norm
 
     def trained_parameters(self):
         """Yield (name, parameter, kind) for every trained parameter; kind is "lift" or "dense"."""
@@ -138,6 +152,11 @@ class LiftAdamW(torch.optim.Optimizer):
     def target_names(self) -> list[str]:
         """Names of the target weights, in model order."""
         return list(self._keys)
+
+    @property
+    def sharded(self) -> bool:
+        """True when the targets are FSDP2-sharded: each rank steps its own rows, and counts are this rank's."""
+        return bool(self._sharded)
 
     def sharded_parameter(self, shard: torch.Tensor):
         """Under FSDP2, the DTensor parameter whose local shard is ``shard`` (what :meth:`trained_parameters` yields)."""
@@ -235,15 +254,17 @@ class LiftAdamW(torch.optim.Optimizer):
 
     def _clip_coefficient(self, dense: list[nn.Parameter]):
         max_norm = clip_norm(self.max_grad_norm)
+        self._grad_norm = None
         if max_norm is None:
             return None
         grads = [*self._gatherer.buffers.values(), *(p.grad for p in dense if p.grad is not None)]
         # Under FSDP2 each rank holds the entries of its own rows.
-        return clip_coefficient(grads, max_norm, distributed.root_sum_of_squares_across_ranks if self._sharded else None)
+        self._grad_norm = gradient_norm(grads, distributed.root_sum_of_squares_across_ranks if self._sharded else None)
+        return None if self._grad_norm is None else clip_coefficient(self._grad_norm, max_norm)
 
     def _selections(self, refresh: bool):
         refreshes = self._lift_group["refreshes"] + int(refresh)
-        return _selections(self._keys, self._sharded, self.state, self.cfg, refreshes, refresh)
+        return _selections(self._keys, self._sharded, self.state, self.cfg, self._plan, refreshes, refresh)
 
     def _update_in_backward(self, key: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
@@ -272,11 +293,12 @@ class LiftAdamW(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def _selections(keys: dict[str, torch.Tensor], sharded: dict, states, cfg: LiftConfig, refreshes: int, refresh: bool):
+def _selections(keys: dict[str, torch.Tensor], sharded: dict, states, cfg: LiftConfig, plan, refreshes: int,
+                refresh: bool):
     """Yield (key, state) for every target as its selection is made, same-shaped targets batched.
 
     ``keys`` maps target names to the tensors the state is keyed by; ``states``
-    is the optimizer's state. Under FSDP2 (``sharded`` maps a local shard to its
+    is the optimizer's state; ``plan`` makes the selections. Under FSDP2 (``sharded`` maps a local shard to its
     DTensor) a target is selected from its whole matrix (budget, grouping and
     SVD by the full shape), and every rank takes rank 0's selection.
     """
@@ -293,8 +315,7 @@ def _selections(keys: dict[str, torch.Tensor], sharded: dict, states, cfg: LiftC
         return matrix
 
     ks = [budget(tuple(w.shape), rank=cfg.rank, density=cfg.density) for w in whole]
-    seeds = [selection_seed(cfg.seed, ordinal, refreshes) for ordinal in range(len(keys))]
-    for i, idx in iter_select_many(whole, ks, cfg.selector, cfg.filter_rank, cfg.svd, seeds, prepare=current):
+    for i, idx in plan.iter_select(whole, ks, refreshes, prepare=current):
         key = keys[i]
         idx = distributed.agreed_indices(idx, sharded.get(key))
         previous = states[key] if refresh else None

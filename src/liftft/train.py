@@ -18,9 +18,11 @@ from liftft.checkpoint import disk_errors_named
 from liftft.config import LiftConfig, clip_norm
 from liftft.data import encode_dataset, load_records, split_validation
 from liftft.delta import DELTA_FILE, META_FILE, save_delta
+from liftft.fsdp import shard_model
 from liftft.hf import load_model, load_tokenizer
 from liftft.loop import TrainingLoop
 from liftft.loss import check_loss_mode
+from liftft.merge import merge_delta
 from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
 from liftft.preflight import check_budget, meta_model
 
@@ -47,7 +49,8 @@ class TrainArgs:
     :meth:`lift_config`. ``max_grad_norm`` is stored as
     :func:`liftft.config.clip_norm` reads it: 0 becomes None, no clipping.
     ``loss`` is the mode of :func:`liftft.loss.causal_lm_loss_sum` (chunked,
-    full or liger).
+    full or liger). ``fsdp`` shards the model with FSDP2 (:mod:`liftft.fsdp`),
+    for the sparse methods.
     """
 
     model: str
@@ -66,11 +69,15 @@ class TrainArgs:
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
     step_in_backward: bool = False
+    fsdp: bool = False
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     loss: str = "chunked"
     val_size: int = 0
     template: str = "alpaca"
+    data_split: str = "train"
+    data_config: str | None = None
+    columns: dict[str, str] | None = None
     seed: int = 43
     resume: bool = False
     merge: bool = False
@@ -118,6 +125,8 @@ class TrainArgs:
         check_loss_mode(self.loss)
         if self.step_in_backward:
             self._check_step_in_backward()
+        if self.fsdp:
+            self._check_fsdp()
 
     def _check_step_in_backward(self) -> None:
         if self.method not in SPARSE_SELECTORS:
@@ -128,6 +137,13 @@ class TrainArgs:
                              f"(got {self.grad_accum}); raise --batch-size instead")
         if self.max_grad_norm is not None:
             raise ValueError(f"--step-in-backward cannot clip: pass --max-grad-norm 0 (got {self.max_grad_norm})")
+
+    def _check_fsdp(self) -> None:
+        if self.method not in SPARSE_SELECTORS:
+            raise ValueError(f"--fsdp trains the sparse methods ({', '.join(SPARSE_SELECTORS)}), not --method "
+                             f"{self.method}; run {self.method} data-parallel, without --fsdp")
+        if self.step_in_backward:
+            raise ValueError("--step-in-backward runs in one process without sharding; drop --fsdp or it")
 
     @classmethod
     def from_flat(cls, **settings) -> "TrainArgs":
@@ -190,6 +206,7 @@ def run_training(args: TrainArgs):
     if device.type == "cuda" and distributed.launched_distributed():
         torch.cuda.set_device(device)
     joined = distributed.init_from_launcher(device.type, timeout_s=args.dist_timeout)
+    joined = joined or (args.fsdp and distributed.init_alone(device.type))
     try:
         with distributed.named_timeouts(args.dist_timeout):
             result = _run_training(args, device)
@@ -205,7 +222,8 @@ def run_training(args: TrainArgs):
 def _run_training(args: TrainArgs, device: torch.device):
     out = Path(args.output)
     main = distributed.is_main_process()
-    records = load_records(args.data)  # reading is quick; tokenising waits until every check has passed
+    # Reading is quick; tokenising waits until every check has passed.
+    records = load_records(args.data, split=args.data_split, config=args.data_config, columns=args.columns)
     created = not out.exists()
     lock = run_dir.take(out)
     try:
@@ -246,6 +264,11 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     # Frozen or sparsely trained weights stay in bf16; full FT keeps fp32 weights under autocast.
     weight_dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     model = load_model(args.model, dtype=weight_dtype, device=device)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if args.fsdp:
+        shard_model(model, device.type, bf16)
     setup = setup_method(model, args.method, args.lift_config(), lr=args.lr, weight_decay=args.weight_decay,
                          max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward)
     model = setup.model
@@ -253,9 +276,6 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     logger.info("method %s: %s trainable values (%s)", args.method, f"{setup.trainable:,}", share)
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} ({share})")
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
 
     run_info = {"args": args.run_record(), "world_size": distributed.world_size()}
     if main:
@@ -268,7 +288,7 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
         metrics["eval_loss"] = loop.evaluate(val_examples)
         logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
     metrics.update(trainable=setup.trainable, data=data_stats)
-    if main:
+    if main or args.fsdp:  # under FSDP2 every rank contributes its rows to the delta
         with disk_errors_named(out):
             _write_outputs(args, setup, tokenizer, metrics)
         write_json_atomic(out / RUN_FILE, {**run_info, "status": "done", "metrics": metrics,
@@ -281,7 +301,8 @@ def _announce(args: TrainArgs, budget_note: str | None, removed: list[Path]) -> 
     """Say what will run (processes, global batch), and what the launcher asked for if it differs; report the
     budget's note and the leftovers of interrupted writes that were removed."""
     world = distributed.world_size()
-    print(f"liftft train: {world} process{'es' if world > 1 else ''}, global batch {args.batch_size} x "
+    sharding = ", FSDP2-sharded" if args.fsdp else ""
+    print(f"liftft train: {world} process{'es' if world > 1 else ''}{sharding}, global batch {args.batch_size} x "
           f"{args.grad_accum} x {world} = {args.batch_size * args.grad_accum * world} examples per optimizer step")
     asked = distributed.requested_processes(distributed.launcher_cmdline())
     if asked is not None and asked > world:
@@ -311,11 +332,14 @@ def _log_to(out: Path) -> logging.Handler:
 
 
 def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
+    """Write the run's outputs from rank 0; under --fsdp every rank calls this, to gather the delta."""
     out = Path(args.output)
     model = setup.model
     if setup.kind == "sparse":
         save_delta(setup.optimizer, out, base_model=args.model, training_args=args.run_record(), metrics=metrics)
-        if args.merge:
+        if args.merge and args.fsdp and distributed.is_main_process():
+            merge_delta(args.model, str(out), str(out / MERGED_DIR))  # the base plus the delta, on the CPU
+        elif args.merge and not args.fsdp:
             _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     elif setup.kind == "peft":
         with atomic_directory(out / ADAPTER_DIR) as tmp:

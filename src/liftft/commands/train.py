@@ -8,6 +8,7 @@ import os
 from liftft.commands import DefaultsShown, add_progress_flag, target_modules_arg
 from liftft.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
 from liftft.methods import METHODS
+from liftft.records import parse_columns
 
 
 def register(subparsers) -> None:
@@ -15,16 +16,26 @@ def register(subparsers) -> None:
         "train",
         formatter_class=DefaultsShown,
         help="fine-tune a Hugging Face causal LM with LIFT or a baseline",
-        description="Fine-tune a causal LM on instruction data. Sparse methods write DIR/delta.safetensors and "
+        description="Fine-tune a causal LM on instruction or conversational data. Sparse methods write DIR/delta.safetensors and "
         "DIR/liftft.json; PEFT methods write DIR/adapter; full writes DIR/merged. --merge also writes DIR/merged.",
     )
     p.add_argument("--model", required=True, help="base model: a hub id or a local directory")
-    p.add_argument("--data", required=True, nargs="+", help="training data: JSON / JSON Lines files of "
-                   "{instruction, input, output} records, datasets directories or hub names")
+    p.add_argument("--data", required=True, nargs="+",
+                   help="training data: JSON, JSON Lines, Parquet or CSV files (by extension), datasets directories "
+                   "or hub names, of records of one kind each: {instruction, input, output}; {messages: [{role, "
+                   "content}, ...]} (rendered with the tokenizer's chat template, trained on the assistant turns); "
+                   "or {prompt, completion}, strings or lists of turns (trained on the completion)")
+    p.add_argument("--data-split", default="train", help="the split of a hub dataset or datasets directory")
+    p.add_argument("--data-config", default=None, help="the configuration (subset) of a hub dataset")
+    p.add_argument("--columns", default=None,
+                   help="fill our fields from other columns, FIELD=COLUMN,...: e.g. instruction=question,output=answer "
+                   "(fields: instruction, input, output, answer, messages, prompt, completion)")
     p.add_argument("--output", required=True, help="output directory DIR (checkpoints, logs, delta or model)")
     p.add_argument("--method", default="lift", choices=METHODS,
                    help="lift (principal weights), magnitude / random / principal-smallest (same engine, other "
-                   "selectors), full (AdamW on everything), lora / dora / pissa (PEFT)")
+                   "selectors), s2ft (random whole channels: rows of up/gate, columns of down, heads of v and o, "
+                   "rows elsewhere; as many whole channels as fit in each matrix's budget, fixed for the run), "
+                   "full (AdamW on everything), lora / dora / pissa (PEFT)")
     p.add_argument("--rank", type=int, default=None,
                    help="budget: LoRA rank r; sparse methods train min((m+n)*r, m*n) entries per matrix (default: 128)")
     p.add_argument("--density", type=float, default=None, help="budget for sparse methods: fraction of entries per matrix")
@@ -32,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--update-interval", type=int, default=400,
                    help="optimizer steps between selection refreshes; 0 never refreshes")
     p.add_argument("--svd", default="randomized", choices=SVD_METHODS, help="SVD used for selection")
+    p.add_argument("--block-size", type=int, default=None,
+                   help="lift and principal-smallest: select whole B x B blocks, the budget // B^2 blocks with the "
+                   "largest (smallest) sum of |W_r|, instead of single entries; B must divide every target's "
+                   "dimensions (default: single entries)")
     p.add_argument("--bias-correction", default="matrix", choices=BIAS_CORRECTIONS,
                    help="sparse methods: whose step count AdamW's bias correction uses. matrix (the paper's): the "
                    "matrix's, so an entry newly selected at a refresh starts with zero moments but a large step count, "
@@ -60,12 +75,19 @@ def register(subparsers) -> None:
                    "gathered gradients are kept (4 bytes per trained entry less at the peak; same result). Needs "
                    "--grad-accum 1, --max-grad-norm 0 and one process; a non-finite loss stops the run after its "
                    "update was applied"),
+    p.add_argument("--fsdp", action="store_true",
+                   help="sparse methods: shard the model with FSDP2 (torch's fully_shard on each decoder layer and "
+                   "the root) over the launcher's processes (torchrun or accelerate launch; one process without "
+                   "one), so each holds 1/N of the weights and the state of the selected entries in its rows. "
+                   "With --bf16, FSDP2 computes in bf16 and reduces gradients in fp32. The loss is computed from "
+                   "the full logits. Checkpoints and the delta are those of an unsharded run; --resume needs "
+                   "--fsdp and the same process count")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 mixed precision (default: on when a CUDA GPU supports it)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--val-size", type=int, default=0, help="hold out N records and report eval loss")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"),
-                   help="prompt template, the same one `liftft eval` uses")
+                   help="prompt template of instruction records, the same one `liftft eval` uses")
     p.add_argument("--seed", type=int, default=43, help="seed for data order, selection and initialization")
     p.add_argument("--save-steps", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--save-total-limit", type=int, default=2,
@@ -93,14 +115,17 @@ def train_args_from(args):
         rank=args.rank if args.rank is not None or args.density is not None else LiftConfig.rank,
         density=args.density, filter_rank=args.filter_rank, update_interval=args.update_interval or None,
         svd=args.svd, target_modules=args.target_modules, bias_correction=args.bias_correction,
+        block_size=args.block_size,
     )
     return TrainArgs(
         model=args.model, data=args.data, output=args.output, method=args.method, lift=lift, lr=args.lr,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 3, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
         warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
-        max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, bf16=args.bf16,
+        max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, fsdp=args.fsdp, bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing, val_size=args.val_size, template=args.template,
+        data_split=args.data_split, data_config=args.data_config,
+        columns=parse_columns(args.columns) if args.columns is not None else None,
         seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, loss=args.loss, dist_timeout=args.dist_timeout, device=args.device,
         progress=args.progress,
