@@ -10,12 +10,16 @@ import os
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 import torch
+import torch.distributed as dist
+from transformers import AutoModelForCausalLM
 
-from conftest import tiny_llama
-from liftft import load_delta
+from conftest import math_records, tiny_llama
+from liftft import apply_delta, load_delta
+from liftft.cli import main
 from liftft.checkpoint import latest_checkpoint, load_checkpoint
 from liftft.train import TrainArgs, run_training
 
@@ -35,6 +39,14 @@ EMPTY_ON_RANK_1 = "model.layers.0.self_attn.o_proj.weight"
 
 
 @pytest.fixture(scope="module")
+def odd_data(tmp_path_factory):
+    """11 records: each epoch's last micro-batch has one example, so rank 1 has none and runs a placeholder."""
+    path = tmp_path_factory.mktemp("odd") / "math.json"
+    path.write_text(json.dumps(math_records(11)))
+    return path
+
+
+@pytest.fixture(scope="module")
 def skewed_base(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("skewed")
     model = tiny_llama()
@@ -43,6 +55,15 @@ def skewed_base(tmp_path_factory, tokenizer):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@contextmanager
+def single_process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def train_here(base, data, out, **settings):
@@ -62,9 +83,36 @@ def assert_close_deltas(delta, reference, tolerance=RELATIVE_TOLERANCE):
 
 def test_one_process_fsdp_equals_the_unsharded_run(base_dir, data_file, tmp_path):
     reference = train_here(base_dir, data_file, tmp_path / "plain", batch_size=2, grad_accum=2)
-    sharded = train_here(base_dir, data_file, tmp_path / "fsdp", batch_size=2, grad_accum=2, fsdp=True)
+    sharded = train_here(base_dir, data_file, tmp_path / "fsdp", batch_size=2, grad_accum=2, fsdp=True, merge=True)
     assert_close_deltas(sharded, reference)
     assert json.loads((tmp_path / "fsdp" / "run.json").read_text())["args"]["fsdp"] is True
+    # --merge writes the base plus the run's delta.
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp" / "merged")
+    expected = apply_delta(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "fsdp")
+    assert all(torch.equal(p, expected.get_parameter(n)) for n, p in merged.named_parameters())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--method", "full"], "--fsdp trains the sparse methods"),
+    (["--method", "lora"], "--fsdp trains the sparse methods"),
+    (["--step-in-backward", "--grad-accum", "1", "--max-grad-norm", "0"], "--step-in-backward runs in one process"),
+])
+def test_fsdp_refuses_what_it_cannot_run(base_dir, data_file, tmp_path, capsys, flags, message):
+    code = main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(tmp_path / "o"),
+                 "--fsdp", "--max-steps", "1", *flags])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_apply_delta_refuses_a_sharded_model_and_names_the_way(base_dir, data_file, tmp_path):
+    from torch.distributed.fsdp import fully_shard
+
+    train_here(base_dir, data_file, tmp_path / "run", batch_size=2, grad_accum=1, max_steps=1)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with single_process_group():
+        fully_shard(model)
+        with pytest.raises(ValueError, match="sharded by FSDP2: apply the delta before fully_shard"):
+            apply_delta(model, tmp_path / "run")
 
 
 def test_one_process_fsdp_with_bf16_and_gradient_checkpointing(base_dir, data_file, tmp_path):
@@ -108,14 +156,15 @@ def two_nodes(base, data, out):
     return run_all([[*agent, *liftft_train(base, data, out)] for _ in range(WORLD)])
 
 
-def test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically(skewed_base, data_file, tmp_path):
+def test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically(skewed_base, odd_data, tmp_path):
     out = tmp_path / "fsdp"
-    outputs = two_nodes(skewed_base, data_file, out)
+    outputs = two_nodes(skewed_base, odd_data, out)
     assert any(f"{WORLD} processes, FSDP2-sharded" in o for o in outputs)
     first = load_delta(out)
 
-    # The same examples per step in one process: micro-batches of 1, 4 of them per step instead of 2 on each rank.
-    reference = train_here(skewed_base, data_file, tmp_path / "plain", batch_size=1, grad_accum=2 * WORLD)
+    # The same examples per step in one process: micro-batches of 1, 4 of them per step instead of 2 on each rank
+    # (3 in step 3, the epoch's last, where rank 1's second micro-batch is empty).
+    reference = train_here(skewed_base, odd_data, tmp_path / "plain", batch_size=1, grad_accum=2 * WORLD)
     assert_close_deltas(first, reference)
     rows = first.entries[EMPTY_ON_RANK_1][0].long() // 32
     assert rows.numel() and bool((rows < 16).all()), "rank 1 was meant to hold none of this matrix's entries"
@@ -129,7 +178,7 @@ def test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically(skewed_bas
 
     # Resuming from it under one torchrun replays steps 3 and 4 to the same bits.
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
-    (stdout,) = run_all([[*launcher, *liftft_train(skewed_base, data_file, out, "--resume")]])
+    (stdout,) = run_all([[*launcher, *liftft_train(skewed_base, odd_data, out, "--resume")]])
     assert "resumed from" in stdout
     resumed = load_delta(out)
     assert all(torch.equal(resumed.entries[n][1], first.entries[n][1]) for n in first.entries)
