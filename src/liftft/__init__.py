@@ -1,5 +1,6 @@
 """liftft: Low-rank Informed Sparse Fine-Tuning (LIFT) for Hugging Face causal LMs."""
 
+from liftft.calibration import gradient_scores
 from liftft.config import LiftConfig
 from liftft.delta import apply_delta, load_delta, save_delta
 from liftft.optim import LiftAdamW
@@ -11,6 +12,7 @@ __all__ = [
     "LiftTrainerCallback",
     "apply_delta",
     "budget",
+    "gradient_scores",
     "load_delta",
     "save_delta",
     "select_indices",

@@ -8,7 +8,11 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
 
+# Selectors that choose from one matrix alone (what select_indices takes).
 SELECTORS = ("principal", "principal-smallest", "magnitude", "random")
+PRINCIPAL_SELECTORS = ("principal", "principal-smallest")
+# Selectors that need more than the matrix: its role in the model (s2ft) or calibration gradients (gradient).
+MODEL_SELECTORS = ("s2ft", "gradient")
 SVD_METHODS = ("exact", "randomized")
 BIAS_CORRECTIONS = ("matrix", "entry")
 TARGET_PRESETS = ("all-linear", "mlp", "attn")
@@ -31,6 +35,14 @@ class LiftConfig:
     compute their weight gradient only at the selected entries (see
     :mod:`liftft.sampled`) instead of forming the dense gradient and gathering.
 
+    ``selector`` is one of :data:`SELECTORS` (see
+    :func:`liftft.selection.select_indices`), ``"s2ft"`` (random whole
+    channels and heads, see :mod:`liftft.structured`) or ``"gradient"`` (the
+    largest |gradient| summed over calibration batches, passed to LiftAdamW as
+    ``scores``; selected once, so ``update_interval`` must be None).
+    ``block_size`` b makes the principal selectors take whole b x b blocks, the
+    max(1, k // b**2) whose L1 norm of W_r is largest (smallest).
+
     ``bias_correction`` says whose step count AdamW's bias correction uses.
     ``"matrix"`` (the paper's, and the default) uses the matrix's: an entry
     newly selected at a refresh starts with zero moments but the matrix's large
@@ -50,6 +62,7 @@ class LiftConfig:
     filter_rank: int = 64
     update_interval: int | None = 400
     selector: str = "principal"
+    block_size: int | None = None
     svd: str = "randomized"
     target_modules: str | Sequence[str] = "all-linear"
     exclude_modules: str | Sequence[str] | None = None
@@ -73,7 +86,12 @@ class LiftConfig:
         _check_int("filter_rank", self.filter_rank, minimum=1)
         if self.update_interval is not None:
             _check_int("update_interval", self.update_interval, minimum=1)
-        _check_choice("selector", self.selector, SELECTORS)
+        _check_choice("selector", self.selector, (*SELECTORS, *MODEL_SELECTORS))
+        if self.block_size is not None:
+            check_block_size(self.block_size, self.selector)
+        if self.selector == "gradient" and self.update_interval is not None:
+            raise ValueError(f"selector 'gradient' selects once, from the calibration gradients given to LiftAdamW, "
+                             f"and cannot refresh; set update_interval=None (got {self.update_interval!r})")
         _check_choice("svd", self.svd, SVD_METHODS)
         _check_choice("bias_correction", self.bias_correction, BIAS_CORRECTIONS)
         _check_pattern("target_modules", self.target_modules)
@@ -103,6 +121,14 @@ def _check_int(name, value, minimum):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def check_block_size(block_size, selector: str) -> None:
+    """Raise unless ``block_size`` is an integer >= 1 and ``selector`` is one of the principal selectors."""
+    _check_int("block_size", block_size, minimum=1)
+    if selector not in PRINCIPAL_SELECTORS:
+        raise ValueError(f"block_size={block_size} is for the principal selectors ({', '.join(PRINCIPAL_SELECTORS)}), "
+                         f"not selector {selector!r}")
 
 
 def _check_choice(name, value, allowed):

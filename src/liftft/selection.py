@@ -7,7 +7,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from liftft.config import SELECTORS, SVD_METHODS
+from liftft.config import PRINCIPAL_SELECTORS, SELECTORS, SVD_METHODS, check_block_size
 from liftft.layout import index_dtype
 
 # Randomized SVD sketches 2 * rank columns (at least rank + 16) with 4 power
@@ -54,6 +54,7 @@ def select_indices(
     filter_rank: int = 64,
     svd: str = "exact",
     seed: int = 0,
+    block_size: int | None = None,
 ) -> torch.Tensor:
     """Sorted flat indices of the ``k`` entries of ``weight`` to train.
 
@@ -63,18 +64,20 @@ def select_indices(
     ``seed``. Ties are broken towards the lower flat index, so the result is a
     function of the weight and seed alone. Work happens on the weight's device;
     the result is int32 when the matrix has fewer than 2**31 entries.
+
+    ``block_size`` b (principal selectors only; b must divide both dimensions)
+    selects whole b x b blocks instead of entries: see :func:`top_k_blocks`.
     """
-    _check_selection(weight, k, selector)
+    _check_selection(weight, k, selector, block_size)
     numel = weight.numel()
     with torch.no_grad():
         if selector == "random":
             idx = _random_indices(numel, k, seed, weight.device)
+        elif selector == "magnitude":
+            idx = top_k_indices(weight.detach().float().abs().flatten(), k)
         else:
-            if selector == "magnitude":
-                scores = weight.detach().float().abs().flatten()
-            else:
-                scores = low_rank_approximation(weight, filter_rank, svd, seed).abs_().flatten()
-            idx = top_k_indices(scores, k, largest=selector != "principal-smallest")
+            scores = low_rank_approximation(weight, filter_rank, svd, seed).abs_()
+            idx = top_k_principal(scores, k, selector == "principal", block_size)
     return idx.to(index_dtype(numel))
 
 
@@ -87,6 +90,7 @@ def select_many(
     seeds: int | Sequence[int] = 0,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_group_numel: int = MAX_GROUP_NUMEL,
+    block_size: int | None = None,
 ) -> list[torch.Tensor]:
     """:func:`select_indices` for many matrices: entry i is ``select_indices(prepare(weights[i]), ks[i], ..., seeds[i])``.
 
@@ -100,7 +104,8 @@ def select_many(
     """
     weights = list(weights)
     chosen: list[torch.Tensor | None] = [None] * len(weights)
-    for i, idx in iter_select_many(weights, ks, selector, filter_rank, svd, seeds, prepare, max_group_numel):
+    for i, idx in iter_select_many(weights, ks, selector, filter_rank, svd, seeds, prepare, max_group_numel,
+                                   block_size):
         chosen[i] = idx
     return chosen
 
@@ -114,6 +119,7 @@ def iter_select_many(
     seeds: int | Sequence[int] = 0,
     prepare: Callable[[torch.Tensor], torch.Tensor] | None = None,
     max_group_numel: int = MAX_GROUP_NUMEL,
+    block_size: int | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """:func:`select_many` one group at a time: yields (position in ``weights``, sorted indices) as each group is done.
 
@@ -125,14 +131,15 @@ def iter_select_many(
     ks = _per_matrix("ks", ks, len(weights))
     seeds = _per_matrix("seeds", seeds, len(weights))
     for weight, k in zip(weights, ks):
-        _check_selection(weight, k, selector)
+        _check_selection(weight, k, selector, block_size)
     if isinstance(max_group_numel, bool) or not isinstance(max_group_numel, int) or max_group_numel < 1:
         raise ValueError(f"max_group_numel must be an integer >= 1, got {max_group_numel!r}")
-    return _selections(weights, ks, selector, filter_rank, svd, seeds, prepare or (lambda w: w), max_group_numel)
+    return _selections(weights, ks, selector, filter_rank, svd, seeds, prepare or (lambda w: w), max_group_numel,
+                       block_size)
 
 
-def _selections(weights, ks, selector, filter_rank, svd, seeds, prepare, max_group_numel):
-    if selector not in ("principal", "principal-smallest"):
+def _selections(weights, ks, selector, filter_rank, svd, seeds, prepare, max_group_numel, block_size):
+    if selector not in PRINCIPAL_SELECTORS:
         for i, (w, k, s) in enumerate(zip(weights, ks, seeds)):
             yield i, select_indices(prepare(w), k, selector, filter_rank, svd, s)
         return
@@ -141,7 +148,7 @@ def _selections(weights, ks, selector, filter_rank, svd, seeds, prepare, max_gro
             stacked = torch.stack([prepare(weights[i]).detach().float() for i in group])
             scores = low_rank_approximation(stacked, filter_rank, svd, [seeds[i] for i in group]).abs_()
             del stacked
-            picked = [top_k_indices(scores[row].flatten(), ks[i], largest=selector == "principal")
+            picked = [top_k_principal(scores[row], ks[i], selector == "principal", block_size)
                       for row, i in enumerate(group)]
             del scores
         for i, idx in zip(group, picked):
@@ -206,12 +213,38 @@ def top_k_indices(scores: torch.Tensor, k: int, largest: bool = True) -> torch.T
     return torch.cat([chosen, tied]).sort().values
 
 
+def top_k_principal(scores: torch.Tensor, k: int, largest: bool, block_size: int | None) -> torch.Tensor:
+    """The principal selectors' choice from the (m, n) scores |W_r|: k entries, or whole blocks with ``block_size``."""
+    if block_size is None:
+        return top_k_indices(scores.flatten(), k, largest)
+    return top_k_blocks(scores, k, block_size, largest)
+
+
+def top_k_blocks(scores: torch.Tensor, k: int, block_size: int, largest: bool = True) -> torch.Tensor:
+    """Sorted int64 flat indices of every entry of the max(1, k // b**2) b x b blocks of (m, n) ``scores`` whose
+    sums are the largest (or smallest).
+
+    A block's score is the sum of its entries' scores (for the principal
+    selectors, the L1 norm of W_r over the block); ties go to the lower block
+    in row-major block order. b must divide m and n. At most k entries are
+    selected, except that a k below b**2 still takes one block.
+    """
+    m, n = scores.shape
+    b = block_size
+    sums = scores.reshape(m // b, b, n // b, b).sum(dim=(1, 3), dtype=torch.float32).flatten()
+    blocks = top_k_indices(sums, min(max(1, k // (b * b)), sums.numel()), largest)
+    offsets = torch.arange(b, device=scores.device)
+    rows = (blocks // (n // b) * b).unsqueeze(1) + offsets
+    cols = (blocks % (n // b) * b).unsqueeze(1) + offsets
+    return (rows.unsqueeze(2) * n + cols.unsqueeze(1)).flatten().sort().values
+
+
 def _gaussian(shape, seed: int, like: torch.Tensor) -> torch.Tensor:
     gen = torch.Generator(device=like.device).manual_seed(seed)
     return torch.randn(*shape, generator=gen, device=like.device, dtype=like.dtype)
 
 
-def _check_selection(weight: torch.Tensor, k, selector: str) -> None:
+def _check_selection(weight: torch.Tensor, k, selector: str, block_size: int | None = None) -> None:
     if selector not in SELECTORS:
         raise ValueError(f"unknown selector {selector!r}; allowed: {', '.join(SELECTORS)}")
     if weight.dim() != 2:
@@ -219,6 +252,16 @@ def _check_selection(weight: torch.Tensor, k, selector: str) -> None:
     numel = weight.numel()
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= numel:
         raise ValueError(f"k must be an integer in [1, {numel}] for shape {tuple(weight.shape)}, got {k!r}")
+    if block_size is not None:
+        check_block_size(block_size, selector)
+        check_blocks_fit(block_size, tuple(weight.shape), "the weight")
+
+
+def check_blocks_fit(block_size: int, shape: tuple, what: str) -> None:
+    """Raise ValueError, naming ``what``, unless ``block_size`` divides both dimensions of ``shape``."""
+    if shape[0] % block_size or shape[1] % block_size:
+        raise ValueError(f"block_size {block_size} does not divide the shape {shape} of {what}; whole blocks must "
+                         f"tile the matrix (choose a block size dividing every target's dimensions)")
 
 
 def _per_matrix(name: str, value, count: int) -> list:
