@@ -31,6 +31,11 @@ ELSEWHERE = {
         "tests/test_distributed.py::test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate",
     f"accelerate launch --multi_gpu --num_processes 8 -m liftft train --model {HUB_ID} --data math.json --output runs/lift":
         "tests/test_distributed.py::test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate",
+    "torchrun --nproc-per-node 8 -m liftft train --fsdp --model meta-llama/Meta-Llama-3-8B --data math.json "
+    "--output runs/lift-8b": "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
+    "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id lift-8b -m liftft "
+    "train --fsdp --model meta-llama/Meta-Llama-3-8B --data math.json --output DIR":
+        "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
 }
 RUN_HERE = [
     "liftft train --step-in-backward --grad-accum 1 --max-grad-norm 0",
