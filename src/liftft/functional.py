@@ -111,8 +111,8 @@ def torch_gather_selected(grad, row_offsets, columns, n_columns) -> torch.Tensor
     return grad.index_select(0, expand(row_offsets, columns, n_columns)).float()
 
 
-def clip_coefficient(grads: list[torch.Tensor], max_norm: float, global_norm=None):
-    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (norm + 1e-6)) for ``grads``, as a 0-d tensor.
+def gradient_norm(grads: list[torch.Tensor], global_norm=None):
+    """The L2 norm over all of ``grads`` that torch.nn.utils.clip_grad_norm_ clips by, as a 0-d fp32 tensor.
 
     ``global_norm`` maps this process's norm to the norm over every process's
     pieces (FSDP2 shards); the result stays on the device, so nothing syncs.
@@ -121,8 +121,11 @@ def clip_coefficient(grads: list[torch.Tensor], max_norm: float, global_norm=Non
     if not grads:
         return None
     total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
-    if global_norm is not None:
-        total = global_norm(total)
+    return total if global_norm is None else global_norm(total)
+
+
+def clip_coefficient(total: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """torch.nn.utils.clip_grad_norm_'s factor min(1, max_norm / (total + 1e-6)) for a :func:`gradient_norm`."""
     return (max_norm / (total + 1e-6)).clamp(max=1.0)
 
 
