@@ -13,7 +13,7 @@ import torch
 # Triton reads this when liftft.kernels defines them, so it is set before any test imports that module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -136,3 +136,41 @@ def data_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "math.json"
     path.write_text(json.dumps(math_records(12)))
     return path
+
+
+# A chat template that renders its own BOS, as Llama-2's, Llama-3's and Mistral's do.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="session")
+def chat_tokenizer():
+    """A byte-level BPE tokenizer with <pad>=0, <s>=1, </s>=2, special <|system|>, <|user|>, <|assistant|>,
+    <|end|>, and CHAT_TEMPLATE; its post-processor adds BOS, so a rendered conversation must not get a second."""
+    texts = ["What is 2 plus 3? The answer is 5.", "Hello there, how are you? Fine, thanks."] * 20
+    tok = train_tokenizer(texts, vocab_size=300)
+    tok.add_special_tokens({"additional_special_tokens": ["<|system|>", "<|user|>", "<|assistant|>", "<|end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def sentencepiece_style(model: models.BPE, style: str, texts=()) -> PreTrainedTokenizerFast:
+    """A tokenizer of ``model`` (trained on ``texts`` when given) that marks the start of a text with "▁", as
+    SentencePiece does, with <unk>=0, <s>=1, </s>=2.
+
+    ``"metaspace"``: a Metaspace pre-tokenizer, as transformers builds for Llama-2 and Mistral (only the first
+    piece of a text gets "▁", not one after a special token). ``"prepend"``: the normalizer of Llama-2's
+    tokenizer.json, which prepends "▁" to every piece of text, even one after a special token.
+    """
+    tok = Tokenizer(model)
+    if style == "metaspace":
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    else:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    if texts:
+        tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

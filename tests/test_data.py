@@ -8,12 +8,13 @@ import re
 import datasets
 import pytest
 import torch
-from conftest import math_records, shared_path, tiny_llama
+from conftest import math_records, sentencepiece_style, shared_path, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
 from liftft.data import DataCollator, encode_dataset, encode_example, load_records, split_validation
+from liftft.records import parse_columns
 from liftft.template import build_prompt, encode_prompt
 
 BOS, EOS = 1, 2
@@ -93,13 +94,11 @@ def test_labels_decode_to_the_output_on_the_real_math_file(tokenizer):
         assert ex["labels"][-1] == tokenizer.eos_token_id
 
 
-def test_no_spurious_word_boundary_before_the_response_with_sentencepiece_style_tokenizers():
-    # A Metaspace pre-tokenizer, as in Llama-2's tokenizer, turns the start of a
-    # text into "▁": tokenized alone, "\nA: x" would begin with a "▁" token.
+@pytest.mark.parametrize("style", ["metaspace", "prepend"])
+def test_no_spurious_word_boundary_before_the_response_with_sentencepiece_style_tokenizers(style):
+    # Tokenized alone, "\nA: x" would begin with a "▁" token; after the prompt it does not.
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "▁": 3, "A": 4, ":": 5, "\n": 6, "x": 7, "▁x": 8}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[("▁", "x")], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok = sentencepiece_style(models.BPE(vocab=vocab, merges=[("▁", "x")], unk_token="<unk>"), style)
     assert tok.convert_ids_to_tokens(tok("\nA: x", add_special_tokens=False)["input_ids"])[0] == "▁"
 
     labels = encode_example(record(output="\nA: x"), tok)["labels"]
@@ -266,16 +265,80 @@ def test_missing_input_becomes_empty_and_extra_fields_are_kept(tmp_path):
     assert load_records(str(tmp_path / "d.json")) == [record(answer="5", input=""), record(input="", id=7)]
 
 
-def test_hub_names_load_the_train_split(monkeypatch):
+def test_hub_names_load_the_split_and_config_asked_for(monkeypatch):
     calls = []
 
-    def fake_load_dataset(name, split):
-        calls.append((name, split))
+    def fake_load_dataset(path, name=None, split=None):
+        calls.append((path, name, split))
         return datasets.Dataset.from_list([record()])
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     assert load_records("someone/math") == [record(input="")]
-    assert calls == [("someone/math", "train")]
+    assert load_records("someone/math", split="test", config="main") == [record(input="")]
+    assert calls == [("someone/math", None, "train"), ("someone/math", "main", "test")]
+
+
+def test_parquet_csv_json_and_json_lines_files_give_the_same_records(tmp_path, isolated_datasets_cache):
+    # A CSV cell is a string: the answers are strings here, absent ones empty.
+    recs = [{**r, "answer": str(r.get("answer", ""))} for r in sample_records()]
+    recs[0]["output"] = ""  # kept, for encode_dataset to count as empty
+    (tmp_path / "a.json").write_text(json.dumps(recs))
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
+    datasets.Dataset.from_list(recs).to_parquet(tmp_path / "a.parquet")
+    datasets.Dataset.from_list(recs).to_csv(tmp_path / "a.csv", index=False)
+    assert any("\n" in r["output"] for r in recs), "precondition: CSV cells hold newlines"
+    for name in ["a.json", "a.jsonl", "a.parquet", "a.csv"]:
+        assert load_records(tmp_path / name) == recs, name
+
+
+def test_a_broken_parquet_file_is_named(tmp_path, isolated_datasets_cache):
+    path = tmp_path / "broken.parquet"
+    path.write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match=re.escape(f"cannot read {path} as parquet")):
+        load_records(path)
+
+
+def test_splits_of_saved_datasets_and_data_file_directories(tmp_path, isolated_datasets_cache):
+    train, test = [record(output="train")], [record(output="test")]
+    datasets.DatasetDict(train=datasets.Dataset.from_list(train), test=datasets.Dataset.from_list(test)).save_to_disk(
+        tmp_path / "saved")
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "train.jsonl").write_text(json.dumps(train[0]))
+    (tmp_path / "files" / "test.jsonl").write_text(json.dumps(test[0]))
+    for source in ["saved", "files"]:
+        assert load_records(tmp_path / source) == [record(output="train", input="")], source
+        assert load_records(tmp_path / source, split="test") == [record(output="test", input="")], source
+    with pytest.raises(ValueError, match="no 'validation' split.*train, test"):
+        load_records(tmp_path / "saved", split="validation")
+    with pytest.raises(ValueError, match="no configurations"):
+        load_records(tmp_path / "saved", config="main")
+    (tmp_path / "a.json").write_text(json.dumps(train))
+    with pytest.raises(ValueError, match="single data file, which has no splits"):
+        load_records(tmp_path / "a.json", split="test")
+
+
+def test_columns_fill_fields_from_other_columns(tmp_path, isolated_datasets_cache):
+    rows = [{"question": "Add 2 and 3.", "solution": "It is 5.", "answer": "5"},
+            {"question": "Add 1 and 1.", "solution": "It is 2.", "answer": "2"}]
+    expected = [{"instruction": r["question"], "output": r["solution"], "answer": r["answer"], "input": ""}
+                for r in rows]
+    columns = parse_columns(" instruction = question , output=solution")
+    assert columns == {"instruction": "question", "output": "solution"}
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    datasets.Dataset.from_list(rows).save_to_disk(tmp_path / "saved")
+    for source in ["q.json", "saved"]:
+        assert load_records(tmp_path / source, columns=columns) == expected, source
+    # One column may fill two fields; the column itself is gone either way.
+    both = load_records(tmp_path / "q.json",
+                        columns={"instruction": "question", "output": "answer", "answer": "answer"})
+    assert both[0] == {"instruction": "Add 2 and 3.", "output": "5", "answer": "5", "solution": "It is 5.", "input": ""}
+    with pytest.raises(ValueError, match=re.escape(f"{tmp_path / 'saved'} has no column 'prompt'; its columns: "
+                                                   "question, solution, answer")):
+        load_records(tmp_path / "saved", columns={"instruction": "prompt"})
+    for spec, complaint in [("instruction", "not FIELD=COLUMN"), ("instruction=a,instruction=b", "mapped twice"),
+                            ("question=instruction", "unknown field 'question'"), (" , ", "maps no field")]:
+        with pytest.raises(ValueError, match=complaint):
+            parse_columns(spec)
 
 
 # ----------------------------------------------------------- bad input

@@ -6,10 +6,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import sentencepiece_style, tiny_llama
 from eval_data import shipped_records
+from tokenizers import models
 
+from liftft.data import encode_example
 from liftft.eval import TASKS, candidates, continuation, evaluate_task, extract_answer
-from liftft.template import build_prompt, encode_prompt
+from liftft.template import build_prompt, encode_prompt, encode_response
 
 
 # ------------------------------------------------ log-likelihood scoring
@@ -27,8 +30,9 @@ class _PreferTokens(torch.nn.Module):
         return SimpleNamespace(logits=self.bias.expand(*input_ids.shape, -1))
 
 
-def _response_ids(tokenizer, task, label):
-    return tokenizer(continuation(task, label), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+def _response_ids(tokenizer, task, label, record):
+    response = encode_response(tokenizer, build_prompt(record), continuation(task, label))
+    return response + [tokenizer.eos_token_id]
 
 
 @pytest.mark.parametrize("name", ["ARC-Challenge", "AQuA"])
@@ -36,8 +40,8 @@ def test_loglik_picks_the_candidate_the_logits_prefer(tokenizer, name):
     task, record = TASKS[name.lower()], shipped_records(name)[0]
     options = candidates(task, record)
     for target in options:
-        own = set(_response_ids(tokenizer, task, target))
-        others = set().union(*(_response_ids(tokenizer, task, o) for o in options if o != target))
+        own = set(_response_ids(tokenizer, task, target, record))
+        others = set().union(*(_response_ids(tokenizer, task, o, record) for o in options if o != target))
         assert own - others, "precondition: the target has a token of its own"
         model = _PreferTokens(len(tokenizer), own - others)
         _, predictions = evaluate_task(model, tokenizer, task, [record], scoring="loglik")
@@ -53,12 +57,46 @@ def test_loglik_scores_equal_unpadded_single_sequence_sums(tokenizer, model):
     for record, prediction in zip(records, predictions):
         prompt = encode_prompt(tokenizer, build_prompt(record))
         for label, score in prediction["candidates"].items():
-            response = _response_ids(tokenizer, task, label)
+            response = _response_ids(tokenizer, task, label, record)
             with torch.no_grad():
                 logprobs = model(torch.tensor([prompt + response])).logits[0].log_softmax(-1)
             expected = sum(logprobs[len(prompt) - 1 + j, token].item() for j, token in enumerate(response))
             assert score == pytest.approx(expected, abs=1e-3)
         assert prediction["prediction"] == max(prediction["candidates"], key=prediction["candidates"].get)
+
+
+@pytest.mark.parametrize("style", ["metaspace", "prepend"])
+def test_loglik_scores_exactly_the_tokens_training_labels(style, monkeypatch):
+    task, record = TASKS["aqua"], shipped_records("AQuA")[0]
+    prompt = build_prompt(record)
+    # Trained on words, as SentencePiece learns pieces within words: no token spans the prompt/answer seam.
+    texts = (prompt + " " + " ".join(continuation(task, label) for label in "ABCDE")).split()
+    tok = sentencepiece_style(models.BPE(unk_token="<unk>"), style, texts)
+    model = tiny_llama(vocab_size=len(tok))
+    fed = []
+    forward = model.forward
+
+    def recording_forward(input_ids, attention_mask, **kwargs):
+        for row, mask in zip(input_ids.tolist(), attention_mask.tolist()):
+            fed.append([token for token, m in zip(row, mask) if m])
+        return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    monkeypatch.setattr(model, "forward", recording_forward)
+    _, predictions = evaluate_task(model, tok, task, [record], scoring="loglik")
+    for label in candidates(task, record):
+        answer = continuation(task, label)
+        alone = tok(answer, add_special_tokens=False)["input_ids"]
+        assert tok.convert_ids_to_tokens(alone)[0].startswith("▁"), "precondition: alone, the answer starts a word"
+        example = encode_example({**record, "output": answer}, tok, max_seq_len=4096)
+        # Training and scoring see the pair as tokenized together, the answer without a word-boundary "▁".
+        together = tok(prompt + answer)["input_ids"]
+        assert together[: len(encode_prompt(tok, prompt))] == encode_prompt(tok, prompt), "precondition: no merge"
+        assert example["input_ids"] == together + [tok.eos_token_id]
+        assert example["input_ids"] in fed
+        with torch.no_grad():
+            logprobs = forward(input_ids=torch.tensor([example["input_ids"]])).logits[0].log_softmax(-1)
+        expected = sum(logprobs[p - 1, t].item() for p, t in enumerate(example["labels"]) if t != -100)
+        assert predictions[0]["candidates"][label] == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_failing_loglik_forward_is_an_error_for_its_record_only(tokenizer, model, monkeypatch):

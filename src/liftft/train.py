@@ -50,7 +50,8 @@ class TrainArgs:
     :func:`liftft.config.clip_norm` reads it: 0 becomes None, no clipping.
     ``loss`` is the mode of :func:`liftft.loss.causal_lm_loss_sum` (chunked,
     full or liger). ``fsdp`` shards the model with FSDP2 (:mod:`liftft.fsdp`),
-    for the sparse methods.
+    for the sparse methods. ``data_split``, ``data_config`` and ``columns``
+    are :func:`liftft.records.load_records`' ``split``, ``config`` and ``columns``.
     """
 
     model: str

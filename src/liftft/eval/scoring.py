@@ -12,7 +12,7 @@ from __future__ import annotations
 from liftft.eval.extract import EXTRACTORS, check_extractor, extract_answer, is_correct
 from liftft.eval.results import mean
 from liftft.eval.tasks import LETTER, NUMBER, Task, candidates
-from liftft.template import build_prompt, encode_prompt
+from liftft.template import build_prompt, encode_prompt, encode_response
 
 SCORINGS = ("generate", "loglik")
 
@@ -56,7 +56,8 @@ def evaluate_task(
     check_extractor(extractor)
     prompts = encode_prompts(tokenizer, records, template)
     if not generates(task, scoring):
-        predictions = _loglik_predictions(model, tokenizer, task, records, prompts, batch_size)
+        texts = [build_prompt(r, template, tokenizer) for r in records]
+        predictions = _loglik_predictions(model, tokenizer, task, records, texts, prompts, batch_size)
         summary = {"scoring": "loglik", "extractor": None}
     else:
         outputs = _run_batches(
@@ -105,13 +106,14 @@ def _graded_generation(task: Task, record: dict, output: dict, extractor: str) -
     }
 
 
-def _loglik_predictions(model, tokenizer, task, records, prompts, batch_size) -> list[dict]:
+def _loglik_predictions(model, tokenizer, task, records, texts, prompts, batch_size) -> list[dict]:
     """Each record's candidates with their summed log-likelihoods; the best one is the prediction."""
     pairs, owners = [], []
-    for index, (record, prompt) in enumerate(zip(records, prompts)):
+    for index, (record, text, prompt) in enumerate(zip(records, texts, prompts)):
         for label in candidates(task, record):
-            response = tokenizer(continuation(task, label), add_special_tokens=False)["input_ids"]
-            pairs.append((prompt, response + [tokenizer.eos_token_id]))
+            # The response's ids as training labels them: in context after the prompt, then EOS.
+            response = encode_response(tokenizer, text, continuation(task, label)) + [tokenizer.eos_token_id]
+            pairs.append((prompt, response))
             owners.append((index, label))
     scores = _run_batches(
         pairs, batch_size, lambda batch: _loglik_batch(model, tokenizer, batch), desc=task.name, unit="seq"
