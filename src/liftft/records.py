@@ -180,10 +180,10 @@ def _read_table(path: Path, builder: str):
     """The rows of a Parquet or CSV file, through the datasets builder of that name."""
     import datasets
 
-    options = _csv_as_text(path) if builder == "csv" else {}
     try:
+        options = _csv_as_text(path) if builder == "csv" else {}
         return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
-    # pyarrow's and pandas' parse errors are ValueErrors; datasets wraps some of them.
+    # pyarrow's and pandas' parse errors, and UnicodeDecodeError, are ValueErrors; datasets wraps some of them.
     except (datasets.exceptions.DatasetsError, ValueError) as err:
         raise ValueError(f"cannot read {path} as {builder}: {err.__cause__ or err}") from err
 
