@@ -31,6 +31,11 @@ ELSEWHERE = {
         "tests/test_distributed.py::test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate",
     f"accelerate launch --multi_gpu --num_processes 8 -m liftft train --model {HUB_ID} --data math.json --output runs/lift":
         "tests/test_distributed.py::test_cli_under_torchrun_trains_writes_once_and_resumes_under_accelerate",
+    f"python examples/grpo_lift.py --model {HUB_ID} --output runs/grpo":
+        "tests/test_integrations.py::test_grpo_example_trains_selected_entries_refreshes_and_saves runs it on a tiny model",
+    "lm_eval --model hf --model_args pretrained=OUT --tasks gsm8k":
+        "not run: lm-eval is not a test dependency and gsm8k comes from the hub; OUT is the merged dir that "
+        "test_merge_and_export_shira writes and tests/test_merge.py loads with AutoModelForCausalLM, as lm-eval's hf model does",
     "torchrun --nproc-per-node 8 -m liftft train --fsdp --model meta-llama/Meta-Llama-3-8B --data math.json "
     "--output runs/lift-8b": "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id lift-8b -m liftft "
@@ -124,3 +129,32 @@ def test_the_python_api_block(base_dir, data_file, tmp_path, monkeypatch):
     exec(code, scope)  # noqa: S102 - the README's own example
     for (name, trained), rebuilt in zip(scope["model"].named_parameters(), scope["base_model"].parameters()):
         assert torch.equal(trained, rebuilt), name
+
+
+def test_the_trainer_and_hub_blocks(base_dir, tmp_path, monkeypatch, capsys):
+    """The section on the Trainer and the hub, on the tiny model: two steps, and uploads recorded instead of made."""
+    from huggingface_hub import HfApi
+    from transformers import AutoModelForCausalLM
+
+    from liftft.data import DataCollator
+    from liftft.selection import budget
+    from liftft.targets import find_targets
+
+    section = README.read_text().split("## Using liftft with PEFT / Trainer / TRL / lm-eval")[1].split("\n## ")[0]
+    trainer_block, hub_block = re.findall(r"```python\n(.*?)```", section, re.S)
+    trainer_block = trainer_block.replace('TrainingArguments("runs/trainer", ', 'TrainingArguments("runs/trainer", '
+                                          'max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True, ')
+    uploads = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: uploads.append((repo_id, kw["private"])))
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, **kw: uploads.append(sorted(kw["allow_patterns"])))
+    monkeypatch.chdir(tmp_path)
+    ids = torch.randint(3, 512, (4, 10), generator=torch.Generator().manual_seed(0)).tolist()
+    scope = {"dataset": [{"input_ids": row, "labels": row} for row in ids], "collator": DataCollator(0)}
+    exec(trainer_block.replace(HUB_ID, str(base_dir)), scope)  # noqa: S102 - the README's own example
+    trained = sum(budget(tuple(p.shape), rank=128) for p in find_targets(scope["model"], "all-linear").values())
+    assert f"trainable params: {trained:,d} || all params:" in capsys.readouterr().out
+    exec(hub_block, scope)  # noqa: S102
+    assert uploads == [("you/llama-3.2-1b-lift-math", True), ["README.md", "delta.safetensors", "liftft.json"]]
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    for (name, restored), original in zip(scope["model"].named_parameters(), base.parameters()):
+        assert torch.equal(restored, original), name

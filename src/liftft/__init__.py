@@ -5,6 +5,8 @@ from liftft.config import LiftConfig
 from liftft.delta import apply_delta, load_delta, save_delta
 from liftft.optim import LiftAdamW
 from liftft.selection import budget, select_indices
+from liftft.trainable import print_trainable_parameters, trainable_parameters
+from liftft.unmerge import remove_delta
 
 __all__ = [
     "LiftAdamW",
@@ -12,18 +14,28 @@ __all__ = [
     "LiftTrainerCallback",
     "apply_delta",
     "budget",
+    "from_pretrained",
     "gradient_scores",
+    "lift_optimizers",
     "load_delta",
+    "print_trainable_parameters",
+    "push_to_hub",
+    "remove_delta",
     "save_delta",
     "select_indices",
+    "trainable_parameters",
 ]
 __version__ = "0.1.0"
 
 
-def __getattr__(name):
-    # Lazy, so that `import liftft` does not import transformers.
-    if name == "LiftTrainerCallback":
-        from liftft.integrations import LiftTrainerCallback
+# Imported on first use, so that `import liftft` does not import transformers or huggingface_hub.
+_LAZY = {"LiftTrainerCallback": "liftft.integrations", "lift_optimizers": "liftft.integrations",
+         "from_pretrained": "liftft.hub", "push_to_hub": "liftft.hub"}
 
-        return LiftTrainerCallback
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'liftft' has no attribute {name!r}")

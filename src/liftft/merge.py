@@ -23,32 +23,49 @@ def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dt
     are then cast to ``dtype`` (``None`` or ``"auto"`` keeps the trained dtype).
     ``output`` is loadable with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained``; it also holds liftft_merge.json, which
-    records where it came from. It is written to a temporary directory beside
+    records where it came from, and a model card (README.md, see
+    :mod:`liftft.card`). It is written to a temporary directory beside
     ``output`` and renamed into place; an existing ``output`` is replaced only
     if it is empty or a previous merge. The delta is checked whole before the
     base is loaded, and what an interrupted merge to ``output`` left beside it
     is removed first.
     """
-    from liftft.delta import apply_delta, load_delta
-    from liftft.hf import check_model_path, load_model
+    from liftft.card import write_model_card
+    from liftft.delta import load_delta
+    from liftft.hf import check_model_path
 
     out_dtype = _parse_dtype(dtype)
     delta = load_delta(delta_dir)
     output = check_output_dir(output, MERGE_FILE, "merge")
     remove_leftovers(output)
     check_model_path(base)
-    trained_dtype = recorded_dtype(delta.meta, delta_dir)
     tokenizer = _load_tokenizer_unchanged(base)
-    model = load_model(base, dtype=trained_dtype)
-    apply_delta(model, delta)
-    model.to(out_dtype or trained_dtype)
+    model = load_merged(base, delta, delta_dir, dtype=out_dtype)
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"base_model": base, "delta": str(Path(delta_dir).resolve()),
-                  "dtype": str(out_dtype or trained_dtype).removeprefix("torch.")}
+                  "dtype": str(model.dtype).removeprefix("torch.")}
         (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2))
+        write_model_card(tmp, {**delta.meta, "base_model": base}, merged=True)
     return output
+
+
+def load_merged(base: str, delta, delta_dir, *, dtype: str | torch.dtype | None = None,
+                device: str | torch.device = "cpu"):
+    """``base`` loaded on ``device`` with ``delta`` (a :class:`liftft.delta.Delta` read from ``delta_dir``) applied.
+
+    The delta is applied in the dtype it was trained in, so the weights are
+    exactly the trained ones, and the model is then cast to ``dtype`` (None or
+    ``"auto"`` keeps the trained dtype).
+    """
+    from liftft.delta import apply_delta
+    from liftft.hf import load_model
+
+    trained_dtype = recorded_dtype(delta.meta, delta_dir)
+    model = load_model(base, dtype=trained_dtype, device=device)
+    apply_delta(model, delta)
+    return model.to(_parse_dtype(dtype) or trained_dtype)
 
 
 def recorded_dtype(meta: dict, delta_dir) -> torch.dtype:

@@ -350,6 +350,11 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
             _save_hf(model.merge_and_unload(), tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     else:
         _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
+    if distributed.is_main_process():
+        from liftft.card import write_model_cards
+
+        write_model_cards([out, out / MERGED_DIR], {"base_model": args.model, "config": args.lift_config().to_dict(),
+                                                    "training_args": args.run_record(), "metrics": metrics})
 
 
 def _save_hf(model, tokenizer, path: Path, checkpointing: bool) -> None:
