@@ -41,7 +41,7 @@ command -v python >/dev/null || py=python3
 DEADLINE_S=480
 # A step is not started with less time than this left: it could not finish, and the summary must be written.
 MIN_STEP_S=30
-QUICK_STEPS=" install tests bench-1b-1x256 fixture train "
+QUICK_STEPS=" install tests bench-1b-1x256 fixture train fsdp-plain fsdp fsdp-compare "
 failed=0
 
 record() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$STEPS"; }
@@ -115,6 +115,14 @@ run_step train 120 "$py" -m liftft train --model "$WORK/base" --data "$WORK/data
   "${ranks[@]}" --max-steps 4 --batch-size 2 --grad-accum 2 --max-seq-len 256 --update-interval 2 --save-steps 2 \
   --bf16 --gradient-checkpointing --device "$device" --no-progress
 cp "$WORK/train/run.json" "$OUT/train.json" 2>/dev/null
+# One process with --fsdp must equal one without (issue 16): no refresh, so both train the entries selected from the
+# same base weights, and the full-logits loss on both, as --fsdp computes it.
+fsdp_run=("$py" -m liftft train --model "$WORK/base" --data "$WORK/data.json" "${ranks[@]}" --max-steps 4
+  --batch-size 2 --grad-accum 2 --max-seq-len 256 --update-interval 0 --loss full --bf16 --device "$device"
+  --no-progress)
+run_step fsdp-plain 90 "${fsdp_run[@]}" --output "$WORK/fsdp-plain"
+run_step fsdp 90 "${fsdp_run[@]}" --output "$WORK/fsdp" --fsdp
+run_step fsdp-compare 30 "$py" bench/compare_deltas.py "$WORK/fsdp-plain" "$WORK/fsdp" --json "$OUT/fsdp-compare.json"
 # Last: at this shape lift's bench also times exact SVDs of all 224 matrices, so it takes whatever time is left.
 # At 8B, lift's timings of every selection variant (exact SVDs of 224 matrices, twice) would take minutes.
 bench_extra=(--no-selection-timings)

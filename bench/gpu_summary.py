@@ -140,6 +140,15 @@ def train_line(out: Path) -> str:
             f"refresh every {run['args']['update_interval']} steps")
 
 
+def fsdp_line(out: Path) -> str:
+    result = read_json(out / "fsdp-compare.json")
+    if not result:
+        return "- not measured"
+    return (f"- one process with --fsdp against one without, {result['weights']} weights: same entries "
+            f"{result['same_entries']}, max relative difference {result['max_relative_difference']:.2e} "
+            f"(tolerance {result['tolerance']:g}): {'pass' if result['pass'] else 'fail'}")
+
+
 def render(out: Path, env: dict, invocation: str) -> str:
     """The summary's markdown, from the files in ``out`` and the environment ``env``."""
     lines = [f"# GPU check: `{invocation}`", "", "## Device and versions", ""]
@@ -150,7 +159,7 @@ def render(out: Path, env: dict, invocation: str) -> str:
               "| target | measured | ratio | result |", "| --- | --- | ---: | --- |"]
     lines += [target_row(target, out) for target in TARGETS]
     lines += ["", "## Other figures", "", kernel_gain_line(out), "", "## CUDA tests", "", *tests_lines(out),
-              "", "## Train step", "", train_line(out), ""]
+              "", "## Train step", "", train_line(out), "", "## FSDP2", "", fsdp_line(out), ""]
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("install", "tests", "bench-1b-4x1024", "bench-1b-1x256", "bench-torch-step", "fixture", "train",
-         "bench-8b-1x2048")
+         "fsdp-plain", "fsdp", "fsdp-compare", "bench-8b-1x2048")
 BENCH_STEPS = [step for step in STEPS if step.startswith("bench-")]
 GIB = 2**30
 
@@ -42,11 +42,13 @@ def test_the_cpu_dry_run_runs_every_step_and_summarises_the_numbers_it_wrote(tmp
     log = (tmp_path / "gpu_check.log").read_text()
     assert done.returncode == 0, log[-4000:]
     written = {p.name for p in tmp_path.iterdir()}
-    assert written == {*(f"{s}.json" for s in BENCH_STEPS), "train.json", "tests.xml", "steps.tsv",
-                       "gpu_check.log", "summary.md"}
+    assert written == {*(f"{s}.json" for s in BENCH_STEPS), "train.json", "fsdp-compare.json", "tests.xml",
+                       "steps.tsv", "gpu_check.log", "summary.md"}
     reports = {p.stem: json.loads(p.read_text()) for p in tmp_path.glob("*.json")}
     assert reports["train"]["status"] == "done"
+    assert reports["fsdp-compare"]["pass"] and reports["fsdp-compare"]["weights"] > 0
     summary = (tmp_path / "summary.md").read_text()
+    assert f"max relative difference {reports['fsdp-compare']['max_relative_difference']:.2e}" in summary
     for step in STEPS:
         assert f"| {step} | ok |" in summary
     assert "test_backward_and_step_never_wait_for_the_gpu[True]: skipped" in summary
@@ -152,3 +154,31 @@ def test_the_train_step_is_read_only_when_it_finished(tmp_path, status, expected
            "metrics": {"steps": 4, "train_loss": 2.5, "tokens": 900, "train_seconds": 1.5, "trainable": 10}}
     (tmp_path / "train.json").write_text(json.dumps(run))
     assert f"## Train step\n\n{expected}" in render(tmp_path)
+
+
+def load_compare_module():
+    spec = importlib.util.spec_from_file_location("compare_deltas", ROOT / "bench" / "compare_deltas.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_deltas_reads_entries_and_the_relative_difference(tmp_path):
+    import torch
+
+    from liftft.delta import Delta, write_delta
+
+    def delta(idx, values):
+        weights = {"w": {"shape": [2, 4], "dtype": "float32", "base_sha256": "0" * 32}}
+        return Delta({"w": (torch.tensor(idx, dtype=torch.int32), torch.tensor(values, dtype=torch.float64))},
+                     {"format_version": 2, "config": {}, "weights": weights})
+
+    write_delta(delta([1, 5], [3.0, 4.0]), tmp_path / "a")
+    write_delta(delta([1, 5], [3.0, 4.1]), tmp_path / "b")
+    write_delta(delta([1, 6], [3.0, 4.0]), tmp_path / "c")
+    compare = load_compare_module()
+    close = compare.compare(tmp_path / "a", tmp_path / "b")
+    assert close["same_entries"] and close["max_relative_difference"] == pytest.approx(0.1 / 5)
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--tolerance", "0.019"]) == 1
+    assert compare.main([str(tmp_path / "a"), str(tmp_path / "b"), "--tolerance", "0.021"]) == 0
+    assert not compare.compare(tmp_path / "a", tmp_path / "c")["same_entries"]
