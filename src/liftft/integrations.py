@@ -65,7 +65,9 @@ class LiftTrainerCallback(TrainerCallback):
     - **reports** the values trained per step (the Trainer counts every entry
       of the target matrices), and the optimizer's gradient norm as the logs'
       ``grad_norm`` (the Trainer's is 0: it sees no target gradients), or no
-      ``grad_norm`` when the optimizer does not clip;
+      ``grad_norm`` when the optimizer does not clip. trainer_state.json, the
+      console and later callbacks get it; ``report_to`` integrations, which the
+      Trainer calls before the callbacks it is given, still get the Trainer's;
     - **saves** the compact delta (delta.safetensors and liftft.json, each
       written atomically) into every checkpoint dir and, at train end, into
       ``output_dir``, unless ``save_deltas=False``.
