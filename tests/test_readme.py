@@ -52,6 +52,7 @@ RUN_HERE = [
     "liftft analyze spectrum --model M --tuned DIR --output OUT",
     "liftft analyze overlap --model M --output OUT",
     "liftft bench",
+    "liftft estimate --model-config llama-8b --method lift --gpus 8 --gradient-checkpointing",
 ]
 
 
@@ -119,6 +120,12 @@ def test_the_three_analyses(runs, base_dir, data_file, tmp_path):
 def test_bench(tmp_path):
     assert main(["bench", "--steps", "1", "--warmup", "0", "--seq-len", "16", "--batch-size", "1", "--methods", "lift",
                  "--device", "cpu", "--output", str(tmp_path / "bench.json")]) == 0
+
+
+def test_estimate(capsys):
+    # The meta device makes the 8B shape as cheap to plan as a tiny one, so the command runs as written.
+    assert cli(RUN_HERE[9], Path("M"), Path("FILE"), Path("DIR")) == 0
+    assert "fits an 80 GB GPU" in capsys.readouterr().out
 
 
 def test_the_python_api_block(base_dir, data_file, tmp_path, monkeypatch):

@@ -17,7 +17,6 @@ over from the method before.
 from __future__ import annotations
 
 import multiprocessing
-import os
 import platform
 import statistics
 import time
@@ -28,19 +27,8 @@ import torch
 
 from liftft.bench_memory import max_rss, peak_memory
 from liftft.loss import causal_lm_loss_sum, check_loss_mode, loss_path
+from liftft.shapes import MODEL_CONFIGS, model_config  # noqa: F401 - MODEL_CONFIGS: liftft.bench's name for the presets
 
-MODEL_CONFIGS = {
-    # Small enough for a CPU smoke test.
-    "tiny": dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=1024, max_position_embeddings=4096),
-    # The shapes of Llama-3.2-1B and -3B (random weights).
-    "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=64, vocab_size=128256, max_position_embeddings=131072,
-                     tie_word_embeddings=True, rope_theta=500000.0),
-    "llama-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                     num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=131072,
-                     tie_word_embeddings=True, rope_theta=500000.0),
-}
 METHODS = ("floor", "full", "lora", "lift", "lift-sampled", "lift-in-backward")
 DEFAULT_METHODS = ("floor", "full", "lora", "lift")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -84,19 +72,6 @@ class BenchSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype {self.dtype!r}; allowed: {', '.join(DTYPES)}")
         check_loss_mode(self.loss)
-
-
-def model_config(name_or_path: str):
-    """The transformers config of a preset (tiny, llama-1b, llama-3b) or of a config.json file or model directory."""
-    from transformers import AutoConfig, LlamaConfig
-
-    if name_or_path in MODEL_CONFIGS:
-        return LlamaConfig(**MODEL_CONFIGS[name_or_path])
-    path = os.path.expanduser(name_or_path)
-    if not (os.path.isfile(path) or os.path.isfile(os.path.join(path, "config.json"))):
-        raise FileNotFoundError(f"--model-config {name_or_path!r} is neither a preset ({', '.join(MODEL_CONFIGS)}) "
-                                "nor a config.json file or a directory holding one")
-    return AutoConfig.from_pretrained(path)
 
 
 def resolve_device(name: str) -> torch.device:

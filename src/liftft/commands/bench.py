@@ -6,8 +6,10 @@ import json
 import os
 
 from liftft.commands import comma_list
+from liftft.shapes import MODEL_CONFIGS
 
-PRESETS = "tiny, llama-1b, llama-3b"
+PRESETS = ", ".join(MODEL_CONFIGS)
+
 ALL_METHODS = "floor, full, lora, lift, lift-sampled, lift-in-backward"
 
 
