@@ -12,7 +12,8 @@ def register(subparsers) -> None:
         help="merge a liftft delta into its base model",
         description=(
             "Apply a liftft delta to its base model and write a model directory, with the base's tokenizer, "
-            "that AutoModelForCausalLM.from_pretrained loads. The output is written atomically; an existing "
+            "that AutoModelForCausalLM.from_pretrained loads, and a model card (README.md) with the facts the "
+            "delta's liftft.json records. The output is written atomically; an existing "
             "output is replaced only if it is empty or a previous merge."
         ),
     )
