@@ -115,6 +115,17 @@ def test_apply_delta_refuses_a_sharded_model_and_names_the_way(base_dir, data_fi
             apply_delta(model, tmp_path / "run")
 
 
+def test_one_process_fsdp_with_tied_embeddings(tokenizer, data_file, tmp_path):
+    base = tmp_path / "tied"
+    tiny_llama(tie_word_embeddings=True).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    settings = dict(batch_size=2, grad_accum=1, max_steps=2, target_modules=["o_proj", "lm_head"])
+    reference = train_here(base, data_file, tmp_path / "plain", **settings)
+    sharded = train_here(base, data_file, tmp_path / "fsdp", fsdp=True, **settings)
+    assert {"lm_head.weight", "model.embed_tokens.weight"} & reference.entries.keys()  # one tied weight, trained once
+    assert_close_deltas(sharded, reference)
+
+
 def test_one_process_fsdp_with_bf16_and_gradient_checkpointing(base_dir, data_file, tmp_path):
     settings = dict(batch_size=2, grad_accum=1, max_steps=2, bf16=True, gradient_checkpointing=True)
     reference = train_here(base_dir, data_file, tmp_path / "plain", **settings)

@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from liftft.bench_memory import max_rss, peak_memory
+from liftft.hf import set_activation_checkpointing
 from liftft.loss import causal_lm_loss_sum, check_loss_mode, loss_path
 from liftft.shapes import MODEL_CONFIGS, model_config  # noqa: F401 - MODEL_CONFIGS: liftft.bench's name for the presets
 
@@ -143,7 +144,7 @@ def bench_method(method: str, settings: dict) -> dict:
     model = build_model(config, dtype, device, s.seed)
     model_info = {"parameters": sum(p.numel() for p in model.parameters()), "config": _shape_of(config)}
     if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        set_activation_checkpointing(model, True)
     model.train()
 
     start = _now(device)

@@ -16,6 +16,7 @@ from torch import nn
 
 from liftft import distributed
 from liftft.delta import Delta, add_entries, check_shapes, fingerprint
+from liftft.hf import DTYPE_KEYWORD, load_config, load_model, set_activation_checkpointing
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -42,6 +43,38 @@ def shard_model(model: nn.Module, device_type: str, bf16: bool) -> nn.Module:
     for layer in decoder_layers(model):
         fully_shard(layer, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def load_sharded(path_or_id: str, dtype: torch.dtype, device: torch.device, bf16: bool, *,
+                 checkpointing: bool = False) -> nn.Module:
+    """The model at ``path_or_id``, in ``dtype``, sharded over all ranks by :func:`shard_model` as it loads.
+
+    A collective. Every rank builds the model on the meta device and shards
+    it, then rank 0 alone reads the weights, on the CPU, and each tensor is
+    broadcast to the ranks, which keep their own rows. So no process holds the
+    whole model on its device, and only rank 0 holds it in host memory.
+    ``checkpointing`` turns on activation checkpointing.
+    """
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(path_or_id)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, **{DTYPE_KEYWORD: dtype})
+    if checkpointing:
+        set_activation_checkpointing(model, True)
+    shard_model(model, device.type, bf16)
+    model.to_empty(device=device)
+    whole = load_model(path_or_id, dtype=dtype) if distributed.is_main_process() else None
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, whole.state_dict() if whole is not None else {}, options=options)
+    # Buffers outside the state dict (rotary frequencies) were left uninitialized by to_empty.
+    buffers = dict(whole.named_buffers()) if whole is not None else {}
+    for name, buffer in model.named_buffers():
+        if whole is not None:
+            buffer.copy_(buffers[name])
+        distributed.broadcast_from_rank0(buffer)
     return model
 
 

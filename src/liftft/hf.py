@@ -100,6 +100,22 @@ def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, device: str 
     return model.to(device)
 
 
+def set_activation_checkpointing(model, enabled: bool) -> None:
+    """Recompute each layer's activations in backward (non-reentrant) or stop doing so, by the name this
+    transformers has (5.x renamed gradient checkpointing to activation checkpointing); the KV cache goes with it."""
+    if enabled:
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+    model.config.use_cache = not enabled
+
+
 def load_tokenizer(path_or_id: str):
     """AutoTokenizer from a hub id or local directory, with a pad token set."""
     check_model_path(path_or_id)

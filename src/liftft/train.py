@@ -15,11 +15,12 @@ import liftft
 from liftft import distributed, run_dir
 from liftft.atomic import atomic_directory, write_json_atomic
 from liftft.checkpoint import disk_errors_named
+from liftft.card import CARD_FILE, write_model_cards
 from liftft.config import LiftConfig, clip_norm
 from liftft.data import encode_dataset, load_records, split_validation
 from liftft.delta import DELTA_FILE, META_FILE, save_delta
-from liftft.fsdp import shard_model
-from liftft.hf import load_model, load_tokenizer
+from liftft.fsdp import load_sharded
+from liftft.hf import load_model, load_tokenizer, set_activation_checkpointing
 from liftft.loop import TrainingLoop
 from liftft.loss import check_loss_mode
 from liftft.merge import merge_delta
@@ -32,7 +33,7 @@ RUN_FILE = run_dir.RUN_FILE
 MERGED_DIR = "merged"
 ADAPTER_DIR = "adapter"
 # Everything `liftft train` writes in its output dir besides checkpoints and logs.
-OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, MERGED_DIR, ADAPTER_DIR)
+OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, CARD_FILE, MERGED_DIR, ADAPTER_DIR)
 # Settings that may differ between a run and its resumption.
 # "loss" is among them: its modes differ by float rounding only.
 _RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss")
@@ -264,12 +265,7 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     torch.manual_seed(args.seed)
     # Frozen or sparsely trained weights stay in bf16; full FT keeps fp32 weights under autocast.
     weight_dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
-    model = load_model(args.model, dtype=weight_dtype, device=device)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    if args.fsdp:
-        shard_model(model, device.type, bf16)
+    model = _load_base(args, weight_dtype, device, bf16)
     setup = setup_method(model, args.method, args.lift_config(), lr=args.lr, weight_decay=args.weight_decay,
                          max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward)
     model = setup.model
@@ -296,6 +292,16 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
                                            "trainable": setup.trainable})
     logger.info("done: %s", json.dumps({k: v for k, v in metrics.items() if k != "data"}))
     return model, metrics
+
+
+def _load_base(args: TrainArgs, dtype: torch.dtype, device: torch.device, bf16: bool):
+    """The base model in ``dtype`` on ``device``: whole, or under --fsdp sharded as it loads (rank 0 reads it)."""
+    if args.fsdp:
+        return load_sharded(args.model, dtype, device, bf16, checkpointing=args.gradient_checkpointing)
+    model = load_model(args.model, dtype=dtype, device=device)
+    if args.gradient_checkpointing:
+        set_activation_checkpointing(model, True)
+    return model
 
 
 def _announce(args: TrainArgs, budget_note: str | None, removed: list[Path]) -> None:
@@ -351,15 +357,13 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
     else:
         _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     if distributed.is_main_process():
-        from liftft.card import write_model_cards
-
         write_model_cards([out, out / MERGED_DIR], {"base_model": args.model, "config": args.lift_config().to_dict(),
                                                     "training_args": args.run_record(), "metrics": metrics})
 
 
 def _save_hf(model, tokenizer, path: Path, checkpointing: bool) -> None:
     if checkpointing:
-        model.gradient_checkpointing_disable()
+        set_activation_checkpointing(model, False)
     model.config.use_cache = True
     with atomic_directory(path) as tmp:
         model.save_pretrained(tmp)
