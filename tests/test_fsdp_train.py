@@ -1,7 +1,7 @@
 """`liftft train --fsdp`: FSDP2 from the CLI on CPU with gloo, against unsharded runs of the same global batch.
 
 The 2-rank run starts as two torchrun agents meeting at a c10d rendezvous, the way two nodes would; its resumption
-starts as one `torchrun --standalone` with two processes. Under FSDP2 the loss is computed from the full logits, so
+starts under `accelerate launch` with two processes. Under FSDP2 the loss is computed from the full logits, so
 the references use --loss full too.
 """
 
@@ -187,8 +187,9 @@ def test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically(skewed_bas
     counts = [sum(s["columns"].numel() for s in shard["state"].values()) for shard in shards]
     assert sum(counts) == sum(idx.numel() for idx, _ in reference.entries.values())
 
-    # Resuming from it under one torchrun replays steps 3 and 4 to the same bits.
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={WORLD}"]
+    # Resuming from it under accelerate launch replays steps 3 and 4 to the same bits.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD}",
+                "--num_machines=1", "--main_process_port=0", "--mixed_precision=no", "--dynamo_backend=no"]
     (stdout,) = run_all([[*launcher, *liftft_train(skewed_base, odd_data, out, "--resume")]])
     assert "resumed from" in stdout
     resumed = load_delta(out)
