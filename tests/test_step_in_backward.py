@@ -95,3 +95,16 @@ def test_step_refuses_a_clip_set_after_construction():
     model(input_ids=ids, labels=ids).loss.backward()
     with pytest.raises(RuntimeError, match="already updated, unclipped, during backward"):
         opt.step()
+
+
+def test_step_takes_a_zero_clip_set_after_construction_as_no_clipping():
+    """0 means no clipping everywhere (liftft.config.clip_norm), also when set on the attribute, as the Trainer does."""
+    model = tiny_llama()
+    opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4), lr=1e-2, step_in_backward=True)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt.max_grad_norm = 0.0
+    ids = batch(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert opt.state_of(opt.target_names[0])["exp_avg"].abs().sum() > 0
+    assert any(not torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -248,7 +248,7 @@ class LiftAdamW(torch.optim.Optimizer):
         if self._lift_group["params"] is not self._lift_params:
             raise RuntimeError("LiftAdamW's parameter groups were replaced by a wrapper (DeepSpeed ZeRO does this); "
                                f"LIFT cannot follow flattened partitions. Use {distributed.SUPPORTED}.")
-        if self.step_in_backward and self.max_grad_norm is not None:
+        if self.step_in_backward and clip_norm(self.max_grad_norm) is not None:
             raise RuntimeError(f"max_grad_norm was set to {self.max_grad_norm} on a LiftAdamW(step_in_backward=True), "
                                "whose targets were already updated, unclipped, during backward")
 
