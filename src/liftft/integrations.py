@@ -132,10 +132,11 @@ class LiftTrainerCallback(TrainerCallback):
 
 
 def _save_delta(directory: str, args, state, optimizer, model) -> None:
-    """Save the delta of ``optimizer``'s run into ``directory`` from the process that saves."""
-    if not args.should_save:
-        return
+    """Save the delta of ``optimizer``'s run into ``directory`` from the process that saves (under FSDP2 every
+    process takes part, since the delta is gathered from each one's rows; untested under the Trainer)."""
     opt = unwrap_lift_optimizer(optimizer)
+    if not (args.should_save or opt.sharded):
+        return
     losses = [entry for entry in state.log_history if "loss" in entry]
     metrics = {"global_step": state.global_step, "epoch": state.epoch, "trainable": trainable_parameters(model, opt)[0],
                **({"loss": losses[-1]["loss"]} if losses else {})}
