@@ -53,6 +53,7 @@ RUN_HERE = [
     "liftft analyze overlap --model M --output OUT",
     "liftft bench",
     "liftft estimate --model-config llama-8b --method lift --gpus 8 --gradient-checkpointing",
+    "liftft reproduce math --model M --data FILE --output DIR",
 ]
 
 
@@ -126,6 +127,14 @@ def test_estimate(capsys):
     # The meta device makes the 8B shape as cheap to plan as a tiny one, so the command runs as written.
     assert cli(RUN_HERE[9], Path("M"), Path("FILE"), Path("DIR")) == 0
     assert "fits an 80 GB GPU" in capsys.readouterr().out
+
+
+def test_reproduce(base_dir, data_file, tmp_path):
+    command = next(c for c in RUN_HERE if c.startswith("liftft reproduce"))
+    smoke = ["--data-dir", shared_path("test"), "--methods", "lift", "--tasks", "AddSub", "--max-steps", "1", "--limit",
+             "1", "--max-new-tokens", "4", "--batch-size", "2", "--grad-accum", "1", "--val-size", "2", *TRAIN_SIZE[:4]]
+    assert cli(command, base_dir, data_file, tmp_path / "reproduce", *smoke, "--max-seq-len", "128", "--no-progress") == 0
+    assert "| task | LIFT (run) |" in (tmp_path / "reproduce" / "results.md").read_text()
 
 
 def test_the_python_api_block(base_dir, data_file, tmp_path, monkeypatch):

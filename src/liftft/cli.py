@@ -14,7 +14,7 @@ from liftft.commands import add_progress_flag
 from liftft.errors import RunStopped
 
 # Each module defines register(subparsers); its parser sets `func`.
-COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "analyze", "bench", "estimate", "demo")
+COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "analyze", "bench", "estimate", "demo", "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:
