@@ -5,6 +5,7 @@ shrunk with flags appended after the README's own. Commands that take minutes or
 test named for them instead; `test_every_readme_command_is_run_here_or_named` keeps this list complete.
 """
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -41,6 +42,8 @@ ELSEWHERE = {
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id lift-8b -m liftft "
     "train --fsdp --model meta-llama/Meta-Llama-3-8B --data math.json --output DIR":
         "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
+    "tensorboard --logdir DIR/tensorboard":
+        "not run: it serves a web page; test_config_file_and_watching reads the event files it would show",
 }
 RUN_HERE = [
     "liftft train --step-in-backward --grad-accum 1 --max-grad-norm 0",
@@ -53,6 +56,7 @@ RUN_HERE = [
     "liftft analyze overlap --model M --output OUT",
     "liftft bench",
     "liftft estimate --model-config llama-8b --method lift --gpus 8 --gradient-checkpointing",
+    "liftft train --config run.yaml --max-steps 200 --val-size 100 --eval-steps 50 --logging-steps 10",
     "liftft reproduce math --model M --data FILE --output DIR",
 ]
 
@@ -135,6 +139,26 @@ def test_reproduce(base_dir, data_file, tmp_path):
              "1", "--max-new-tokens", "4", "--batch-size", "2", "--grad-accum", "1", "--val-size", "2", *TRAIN_SIZE[:4]]
     assert cli(command, base_dir, data_file, tmp_path / "reproduce", *smoke, "--max-seq-len", "128", "--no-progress") == 0
     assert "| task | LIFT (run) |" in (tmp_path / "reproduce" / "results.md").read_text()
+
+
+def test_config_file_and_watching(base_dir, data_file, tmp_path, monkeypatch):
+    """The README's run.yaml and the command that reads it; TensorBoard's event files read back."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    section = README.read_text().split("### Running and watching a run")[1].split("\n### ")[0]
+    filled = {"M": base_dir, "FILE": data_file, "DIR": tmp_path / "run"}
+    config = re.sub(r"\b(M|FILE|DIR)\b", lambda m: str(filled[m.group(1)]),
+                    re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
+    (tmp_path / "run.yaml").write_text(config)
+    monkeypatch.chdir(tmp_path)
+    command = next(c for c in RUN_HERE if "--config run.yaml" in c)
+    assert cli(command, base_dir, data_file, tmp_path / "run", *TRAIN_SIZE, "--val-size", "2", "--eval-steps", "1") == 0
+    run = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert (run["args"]["lr"], run["args"]["grad_accum"], run["options"]["report_to"]) == (2e-4, 1, "tensorboard")
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("eval/loss")] == [1, 2] and [e.step for e in events.Scalars("train/loss")] == [2]
 
 
 def test_the_python_api_block(base_dir, data_file, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from liftft.delta import apply_delta, delta_from_optimizer, load_delta, write_de
 from liftft.fsdp import apply_delta_to_shards, gathered_state_dicts
 from liftft.errors import TrainingDiverged
 from liftft.loss import causal_lm_loss_sum, full_path_reason, loss_path
+from liftft.reporting import Reporter
 
 logger = logging.getLogger("liftft")
 
@@ -32,13 +33,18 @@ class TrainingLoop:
     ``args``, the :class:`liftft.methods.MethodSetup` ``setup`` and the encoded
     ``examples``. ``train_step`` (one optimizer step) and ``loss_sum`` (one
     forward) are its seams: wrapping them interrupts or corrupts a run at a
-    chosen ``step``.
+    chosen ``step``. The held-out ``val_examples`` are evaluated every
+    ``args.eval_steps`` and at the end; every record logged also goes to
+    ``reporter`` (:mod:`liftft.reporting`).
     """
 
-    def __init__(self, args, model, setup, examples, pad_token_id, device, bf16):
+    def __init__(self, args, model, setup, examples, pad_token_id, device, bf16, val_examples=(),
+                 reporter: Reporter | None = None):
         self.args, self.model, self.setup = args, model, setup
         self.optimizer = setup.optimizer
         self.examples = examples
+        self.val_examples = val_examples
+        self.reporter = reporter or Reporter()
         self.collate = DataCollator(pad_token_id)
         self.device = device
         self.autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
@@ -62,6 +68,7 @@ class TrainingLoop:
         self.step = 0
         self.tokens = 0
         self.elapsed = 0.0
+        self.loop_grad_norm = None  # the norm the loop clipped by at the last step (methods it clips for)
         self.out = Path(args.output)
 
     def maybe_resume(self) -> None:
@@ -85,30 +92,68 @@ class TrainingLoop:
             print(f"liftft train: resumed from {checkpoint} at step {self.step}")
 
     def run(self) -> dict:
-        """Train up to the last step, logging each and checkpointing every ``save_steps``; returns the metrics."""
+        """Train up to the last step, logging every ``logging_steps``, evaluating every ``eval_steps`` and at the end,
+        checkpointing every ``save_steps``; returns the metrics.
+
+        ``seconds`` in the log counts training alone: evaluations stop the clock.
+        """
         args = self.args
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {args.method}",
                    disable=not args.progress or not self.is_main)
-        loss = float("nan")
+        loss, losses = float("nan"), []
+        last = {"tokens": self.tokens, "seconds": round(self.elapsed, 6)}  # the previous record, or the resume point
         start = time.perf_counter() - self.elapsed
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
+            step_start = time.perf_counter()
             loss, tokens = self.train_step(self._micro_batches(self.step))
             if not math.isfinite(loss):
                 raise TrainingDiverged(self._diverged(f"the loss became {loss} at step {self.step + 1}"))
             self.step += 1
             self.tokens += tokens
             self.elapsed = time.perf_counter() - start
-            self._log({"step": self.step, "loss": loss, "lr": lr, "tokens": self.tokens, "seconds": round(self.elapsed, 3)})
-            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+            losses.append(loss)
+            if self.step % args.logging_steps == 0 or self.step == self.total_steps:
+                last = self._train_record(losses, lr, last)
+                self._log(last)
+                losses = []
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}",
+                            tokens_per_s=f"{tokens / max(time.perf_counter() - step_start, 1e-6):,.0f}")
             bar.update(1)
+            if self.val_examples and args.eval_steps and self.step % args.eval_steps == 0 and self.step < self.total_steps:
+                start += self._evaluate_and_log()[1]
             if args.save_steps and self.step % args.save_steps == 0 and self.step < self.total_steps and (
                     self.is_main or self.sharded):
                 self.save()
         bar.close()
         self._refuse_nonfinite()
-        return {"train_loss": loss, "steps": self.step, "tokens": self.tokens, "train_seconds": round(self.elapsed, 3)}
+        metrics = {"train_loss": loss, "steps": self.step, "tokens": self.tokens, "train_seconds": round(self.elapsed, 3)}
+        if self.val_examples:
+            metrics["eval_loss"] = self._evaluate_and_log()[0]
+        return metrics
+
+    def _train_record(self, losses: list[float], lr: float, last: dict) -> dict:
+        """The train_log.jsonl record of the steps since record ``last``: their mean ``loss``, the last step's ``lr``
+        and ``grad_norm``, ``tokens`` and ``seconds`` so far, and tokens/s since ``last`` and since the start."""
+        seconds = round(self.elapsed, 6)
+        return {"step": self.step, "loss": sum(losses) / len(losses), "lr": lr, "grad_norm": self._grad_norm(),
+                "tokens": self.tokens, "seconds": seconds,
+                "tokens_per_s": round((self.tokens - last["tokens"]) / max(seconds - last["seconds"], 1e-6), 1),
+                "cumulative_tokens_per_s": round(self.tokens / max(seconds, 1e-6), 1)}
+
+    def _grad_norm(self) -> float | None:
+        """The gradient norm of the last step, before clipping; None when nothing clips."""
+        norm = self.optimizer.grad_norm if self.setup.kind == "sparse" else self.loop_grad_norm
+        return None if norm is None else float(norm)
+
+    def _evaluate_and_log(self) -> tuple[float, float]:
+        """Evaluate the held-out examples and log the loss as an eval record; returns (the loss, the seconds it took)."""
+        began = time.perf_counter()
+        loss = self.evaluate(self.val_examples)
+        seconds = time.perf_counter() - began
+        self._log({"step": self.step, "eval_loss": loss, "eval_seconds": round(seconds, 3)})
+        return loss, seconds
 
     def _micro_batches(self, step: int) -> list[list[dict]]:
         """The micro-batches of optimizer step ``step``: a function of the seed and the position alone."""
@@ -145,8 +190,8 @@ class TrainingLoop:
                     p.grad = torch.zeros_like(p)
             distributed.average_across_ranks([p.grad for p in trained])
         if self.setup.loop_clip_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
-                                           self.setup.loop_clip_norm)
+            self.loop_grad_norm = torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                                                 self.setup.loop_clip_norm)
         if math.isfinite(total):
             self.optimizer.step()
             self.scheduler.step()
@@ -222,9 +267,15 @@ class TrainingLoop:
         return f"training diverged: {what}; stopped. Last good checkpoint: {last or 'none'}{advice}"
 
     def _log(self, record: dict) -> None:
+        """Append ``record`` to DIR/train_log.jsonl, say it in train.log and report it (rank 0 alone)."""
         if not self.is_main:
             return
-        logger.info("step %d: loss %.4f, lr %.3g, %d tokens", record["step"], record["loss"], record["lr"],
-                    record["tokens"])
+        if "eval_loss" in record:
+            logger.info("step %d: eval loss %.4f on %d held-out examples", record["step"], record["eval_loss"],
+                        len(self.val_examples))
+        else:
+            logger.info("step %d: loss %.4f, lr %.3g, %d tokens, %.0f tokens/s", record["step"], record["loss"],
+                        record["lr"], record["tokens"], record["tokens_per_s"])
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.reporter.log(record)
