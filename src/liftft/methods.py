@@ -13,7 +13,7 @@ from liftft.optim import LiftAdamW
 from liftft.targets import find_targets
 
 SPARSE_SELECTORS = {"lift": "principal", "magnitude": "magnitude", "random": "random",
-                    "principal-smallest": "principal-smallest", "s2ft": "s2ft"}
+                    "principal-smallest": "principal-smallest", "s2ft": "s2ft", "gradient": "gradient"}
 PEFT_METHODS = ("lora", "dora", "pissa")
 METHODS = (*SPARSE_SELECTORS, "full", *PEFT_METHODS)
 # The LiftConfig default, which the method overrides; methods without a selector keep it.
@@ -42,10 +42,14 @@ def method_config(method: str, cfg: LiftConfig) -> LiftConfig:
     The method decides the selector, so ``cfg.selector`` must be left at its
     default ("principal", which stands for "not set") or name the method's own
     selector. PEFT methods take their LoRA rank from ``cfg.rank`` and refuse
-    a ``density``; ``full`` ignores the budget.
+    a ``density``; ``full`` ignores the budget. ``gradient`` selects once,
+    so it refuses an ``update_interval``.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; allowed: {', '.join(METHODS)}")
+    if method == "gradient" and cfg.update_interval is not None:
+        raise ValueError(f"method 'gradient' selects once, from calibration gradients, and never refreshes; set "
+                         f"update_interval=None (--update-interval 0), got {cfg.update_interval!r}")
     implied = SPARSE_SELECTORS.get(method, UNSET_SELECTOR)
     if cfg.selector not in (UNSET_SELECTOR, implied):
         raise ValueError(f"LiftConfig.selector={cfg.selector!r} contradicts method {method!r}, which selects "
@@ -65,10 +69,11 @@ def setup_method(
     max_grad_norm: float | None = None,
     betas: tuple[float, float] = (0.9, 0.95),
     step_in_backward: bool = False,
+    scores: dict[str, torch.Tensor] | None = None,
 ) -> MethodSetup:
     """Prepare ``model`` for ``method`` with the budget and targets of ``cfg``, and build its optimizer.
 
-    Sparse methods (lift, magnitude, random, principal-smallest, s2ft) use
+    Sparse methods (lift, magnitude, random, principal-smallest, s2ft, gradient) use
     :class:`LiftAdamW` with that selector (see :func:`method_config`); ``full``
     is torch AdamW over every parameter (fused on CUDA); lora, dora and pissa
     are PEFT adapters with r = ``cfg.rank``, alpha = 2r, on ``cfg``'s target
@@ -77,17 +82,21 @@ def setup_method(
     :func:`liftft.config.clip_norm` (0 or None: no clipping); the sparse
     optimizer clips its own gathered gradients, for the others the training
     loop clips at ``MethodSetup.loop_clip_norm``. ``step_in_backward`` is
-    passed to :class:`LiftAdamW` (sparse methods only).
+    passed to :class:`LiftAdamW` (sparse methods only), and so are ``scores``,
+    which ``gradient`` selects from (:func:`liftft.calibration.gradient_scores`)
+    and the other methods refuse.
     """
     cfg = method_config(method, cfg)
     clip = clip_norm(max_grad_norm)
     if method in SPARSE_SELECTORS:
         opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=clip,
-                        step_in_backward=step_in_backward)
+                        step_in_backward=step_in_backward, scores=scores)
         (selected,) = distributed.sum_across_ranks([opt.num_selected]) if opt.sharded else (opt.num_selected,)
         return MethodSetup(model, opt, int(selected), "sparse")
     if step_in_backward:
         raise ValueError(f"step_in_backward is for the sparse methods ({', '.join(SPARSE_SELECTORS)}), not {method}")
+    if scores is not None:
+        raise ValueError(f"scores are what method 'gradient' selects from; {method} takes none")
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)

@@ -14,6 +14,7 @@ import torch
 import liftft
 from liftft import distributed, run_dir
 from liftft.atomic import atomic_directory, write_json_atomic
+from liftft.calibration import calibration_batches_for, run_gradient_scores
 from liftft.checkpoint import disk_errors_named
 from liftft.card import CARD_FILE, write_model_cards
 from liftft.config import LiftConfig, clip_norm
@@ -26,7 +27,6 @@ from liftft.loss import check_loss_mode
 from liftft.merge import merge_delta
 from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
 from liftft.preflight import check_budget, meta_model
-from liftft.reporting import Reporter, check_report_to, open_reporter
 
 logger = logging.getLogger("liftft")
 
@@ -37,8 +37,7 @@ ADAPTER_DIR = "adapter"
 OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, CARD_FILE, MERGED_DIR, ADAPTER_DIR)
 # Settings that may differ between a run and its resumption.
 # "loss" is among them: its modes differ by float rounding only.
-_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss", "report_to",
-              "logging_steps", "eval_steps")
+_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss")
 
 
 @dataclass
@@ -55,9 +54,9 @@ class TrainArgs:
     full or liger). ``fsdp`` shards the model with FSDP2 (:mod:`liftft.fsdp`),
     for the sparse methods. ``data_split``, ``data_config`` and ``columns``
     are :func:`liftft.records.load_records`' ``split``, ``config`` and ``columns``.
-    ``report_to`` is one of :data:`liftft.reporting.REPORT_TO`; ``logging_steps``
-    and ``eval_steps`` (which needs ``val_size``) are the steps between log
-    records and between evaluations of the held-out records.
+    ``calibration_batches`` is for method ``gradient`` (default
+    :data:`liftft.calibration.DEFAULT_CALIBRATION_BATCHES`): the run's first
+    micro-batches whose |gradient| it selects by.
     """
 
     model: str
@@ -65,6 +64,7 @@ class TrainArgs:
     output: str
     method: str = "lift"
     lift: LiftConfig = field(default_factory=LiftConfig)
+    calibration_batches: int | None = None
     lr: float = 2e-4
     epochs: float | None = 3
     max_steps: int | None = None
@@ -81,7 +81,6 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     loss: str = "chunked"
     val_size: int = 0
-    eval_steps: int | None = None
     template: str = "alpaca"
     data_split: str = "train"
     data_config: str | None = None
@@ -94,8 +93,6 @@ class TrainArgs:
     dist_timeout: float = 1800.0
     device: str = "auto"
     progress: bool = True
-    report_to: str = "none"
-    logging_steps: int = 1
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -112,6 +109,7 @@ class TrainArgs:
             raise ValueError(f"lift.seed={self.lift.seed} contradicts seed={self.seed}: seed seeds the whole run, "
                              "selection included; set seed alone")
         self.lift_config()  # refuses a selector that contradicts the method now, before any work
+        self.calibration_batches = calibration_batches_for(self.method, self.calibration_batches)
         self.max_grad_norm = clip_norm(self.max_grad_norm)
         for name in ("batch_size", "grad_accum", "max_seq_len"):
             if getattr(self, name) < 1:
@@ -132,21 +130,11 @@ class TrainArgs:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
-        self._check_reporting()
         check_loss_mode(self.loss)
         if self.step_in_backward:
             self._check_step_in_backward()
         if self.fsdp:
             self._check_fsdp()
-
-    def _check_reporting(self) -> None:
-        if self.logging_steps < 1:
-            raise ValueError(f"--logging-steps must be >= 1, got {self.logging_steps}")
-        if self.eval_steps is not None and self.eval_steps < 1:
-            raise ValueError(f"--eval-steps must be >= 1, got {self.eval_steps}")
-        if self.eval_steps is not None and not self.val_size:
-            raise ValueError(f"--eval-steps {self.eval_steps} evaluates held-out records: give --val-size N too")
-        check_report_to(self.report_to)
 
     def _check_step_in_backward(self) -> None:
         if self.method not in SPARSE_SELECTORS:
@@ -159,6 +147,9 @@ class TrainArgs:
             raise ValueError(f"--step-in-backward cannot clip: pass --max-grad-norm 0 (got {self.max_grad_norm})")
 
     def _check_fsdp(self) -> None:
+        if self.method == "gradient":
+            raise ValueError("--method gradient does not run under --fsdp: its calibration gradients need the whole "
+                             "weights; drop --fsdp")
         if self.method not in SPARSE_SELECTORS:
             raise ValueError(f"--fsdp trains the sparse methods ({', '.join(SPARSE_SELECTORS)}), not --method "
                              f"{self.method}; run {self.method} data-parallel, without --fsdp")
@@ -189,10 +180,6 @@ class TrainArgs:
         """
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RESUMABLE and f.name != "lift"}
         return {**record, **_lift_record(self.lift.to_dict())}
-
-    def options(self) -> dict:
-        """The settings a resumption may change (logging, reporting, outputs), as this invocation has them."""
-        return {name: getattr(self, name) for name in _RESUMABLE}
 
 
 def _lift_record(settings: dict) -> dict:
@@ -288,24 +275,25 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     # Frozen or sparsely trained weights stay in bf16; full FT keeps fp32 weights under autocast.
     weight_dtype = torch.bfloat16 if bf16 and args.method != "full" else torch.float32
     model = _load_base(args, weight_dtype, device, bf16)
+    scores = run_gradient_scores(args, model, train_examples, tokenizer.pad_token_id, device, bf16)
     setup = setup_method(model, args.method, args.lift_config(), lr=args.lr, weight_decay=args.weight_decay,
-                         max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward)
+                         max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, scores=scores)
     model = setup.model
     share = f"{setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__}"
     logger.info("method %s: %s trainable values (%s)", args.method, f"{setup.trainable:,}", share)
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} ({share})")
 
-    run_info = {"args": args.run_record(), "options": args.options(), "world_size": distributed.world_size()}
+    run_info = {"args": args.run_record(), "world_size": distributed.world_size()}
     if main:
         write_json_atomic(out / RUN_FILE, {**run_info, "status": "running", "data": data_stats,
                                            "trainable": setup.trainable})
-    settings = {**run_info["args"], **run_info["options"]}
-    with open_reporter(args.report_to, out, settings) if main else Reporter() as reporter:
-        loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16,
-                            val_examples=val_examples, reporter=reporter)
-        loop.maybe_resume()
-        metrics = loop.run()
+    loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16)
+    loop.maybe_resume()
+    metrics = loop.run()
+    if val_examples:
+        metrics["eval_loss"] = loop.evaluate(val_examples)
+        logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
     metrics.update(trainable=setup.trainable, data=data_stats)
     if main or args.fsdp:  # under FSDP2 every rank contributes its rows to the delta
         with disk_errors_named(out):

@@ -9,8 +9,6 @@ from liftft.commands import DefaultsShown, add_progress_flag, target_modules_arg
 from liftft.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
 from liftft.methods import METHODS
 from liftft.records import parse_columns
-from liftft.reporting import REPORT_TO, TENSORBOARD_DIR
-from liftft.run_config import read_config_first
 
 
 def register(subparsers) -> None:
@@ -37,13 +35,18 @@ def register(subparsers) -> None:
                    help="lift (principal weights), magnitude / random / principal-smallest (same engine, other "
                    "selectors), s2ft (random whole channels: rows of up/gate, columns of down, heads of v and o, "
                    "rows elsewhere; as many whole channels as fit in each matrix's budget, fixed for the run), "
-                   "full (AdamW on everything), lora / dora / pissa (PEFT)")
+                   "gradient (the largest |gradient| summed over the first --calibration-batches micro-batches, "
+                   "selected once), full (AdamW on everything), lora / dora / pissa (PEFT)")
+    p.add_argument("--calibration-batches", type=int, default=None,
+                   help="--method gradient: the run's first N micro-batches, in training order, whose |gradient| "
+                   "selects the entries (default: 16)")
     p.add_argument("--rank", type=int, default=None,
                    help="budget: LoRA rank r; sparse methods train min((m+n)*r, m*n) entries per matrix (default: 128)")
     p.add_argument("--density", type=float, default=None, help="budget for sparse methods: fraction of entries per matrix")
     p.add_argument("--filter-rank", type=int, default=64, help="rank of the SVD approximation LIFT selects from")
-    p.add_argument("--update-interval", type=int, default=400,
-                   help="optimizer steps between selection refreshes; 0 never refreshes")
+    p.add_argument("--update-interval", type=int, default=None,
+                   help="optimizer steps between selection refreshes; 0 never refreshes (default: 400; --method "
+                   "gradient selects once and takes none)")
     p.add_argument("--svd", default="randomized", choices=SVD_METHODS, help="SVD used for selection")
     p.add_argument("--block-size", type=int, default=None,
                    help="lift and principal-smallest: select whole B x B blocks, the budget // B^2 blocks with the "
@@ -57,17 +60,15 @@ def register(subparsers) -> None:
                    "byte more per trained entry")
     p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="all-linear, mlp, attn, a comma-separated list of module-name suffixes, or a regex")
-    p.add_argument("--lr", "--learning-rate", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--loss", default="chunked", choices=("chunked", "full", "liger"),
                    help="how the cross-entropy is computed: chunked (the logits a chunk of tokens at a time, in forward "
                    "and backward), full (all the fp32 logits at once) or liger (Liger-Kernel's fused kernel: "
                    "pip install 'liftft[liger]'); a model whose logits are more than a linear head takes full")
-    p.add_argument("--epochs", "--num-train-epochs", type=float, default=None, help="passes over the data (default: 3)")
+    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 3)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps, instead of --epochs")
-    p.add_argument("--batch-size", "--per-device-train-batch-size", type=int, default=1,
-                   help="examples per micro-batch (per process)")
-    p.add_argument("--grad-accum", "--gradient-accumulation-steps", type=int, default=16,
-                   help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch")
+    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="longer examples lose prompt tokens from the left; EOS is never cut")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
@@ -89,18 +90,7 @@ def register(subparsers) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 mixed precision (default: on when a CUDA GPU supports it)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--val-size", type=int, default=0,
-                   help="hold out N records and log their loss (eval_loss) at the end and every --eval-steps")
-    p.add_argument("--eval-steps", type=int, default=None,
-                   help="optimizer steps between evaluations of the --val-size held-out records (default: at the end only)")
-    p.add_argument("--logging-steps", type=int, default=1,
-                   help="optimizer steps per record in DIR/train_log.jsonl and --report-to: their mean loss, the last "
-                   "one's lr and grad norm, tokens/s since the previous record and since the start (the last step "
-                   "is always logged)")
-    p.add_argument("--report-to", default="none", choices=REPORT_TO,
-                   help=f"also send the logged values to TensorBoard (DIR/{TENSORBOARD_DIR}: pip install "
-                   "'liftft[tensorboard]') or Weights & Biases (pip install 'liftft[wandb]'; WANDB_MODE, "
-                   "WANDB_PROJECT and WANDB_DIR apply; the files go to DIR/wandb by default)")
+    p.add_argument("--val-size", type=int, default=0, help="hold out N records and report eval loss")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"),
                    help="prompt template of instruction records, the same one `liftft eval` uses")
     p.add_argument("--seed", type=int, default=43, help="seed for data order, selection and initialization")
@@ -115,7 +105,6 @@ def register(subparsers) -> None:
     p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress_flag(p)
-    read_config_first(p)
     p.set_defaults(func=run)
 
 
@@ -129,12 +118,13 @@ def train_args_from(args):
         raise ValueError("--epochs and --max-steps contradict each other: give one")
     lift = LiftConfig(
         rank=args.rank if args.rank is not None or args.density is not None else LiftConfig.rank,
-        density=args.density, filter_rank=args.filter_rank, update_interval=args.update_interval or None,
+        density=args.density, filter_rank=args.filter_rank, update_interval=_update_interval(args),
         svd=args.svd, target_modules=args.target_modules, bias_correction=args.bias_correction,
         block_size=args.block_size,
     )
     return TrainArgs(
         model=args.model, data=args.data, output=args.output, method=args.method, lift=lift, lr=args.lr,
+        calibration_batches=args.calibration_batches,
         epochs=args.epochs if args.epochs is not None or args.max_steps is not None else 3, max_steps=args.max_steps,
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
         warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
@@ -144,8 +134,18 @@ def train_args_from(args):
         columns=parse_columns(args.columns) if args.columns is not None else None,
         seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, loss=args.loss, dist_timeout=args.dist_timeout, device=args.device,
-        progress=args.progress, report_to=args.report_to, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
+        progress=args.progress,
     )
+
+
+def _update_interval(args) -> int | None:
+    """--update-interval as LiftConfig takes it: 400 by default, None for 0 and for --method gradient."""
+    if args.method == "gradient":
+        if args.update_interval:
+            raise ValueError(f"--method gradient selects once, from the calibration gradients, and never refreshes: "
+                             f"drop --update-interval {args.update_interval}")
+        return None
+    return LiftConfig.update_interval if args.update_interval is None else args.update_interval or None
 
 
 def run(args) -> int:
