@@ -27,6 +27,7 @@ from liftft.loss import check_loss_mode
 from liftft.merge import merge_delta
 from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
 from liftft.preflight import check_budget, meta_model
+from liftft.reporting import Reporter, check_report_to, open_reporter
 
 logger = logging.getLogger("liftft")
 
@@ -37,7 +38,8 @@ ADAPTER_DIR = "adapter"
 OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, CARD_FILE, MERGED_DIR, ADAPTER_DIR)
 # Settings that may differ between a run and its resumption.
 # "loss" is among them: its modes differ by float rounding only.
-_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss")
+_RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss", "report_to",
+              "logging_steps", "eval_steps")
 
 
 @dataclass
@@ -57,6 +59,9 @@ class TrainArgs:
     ``calibration_batches`` is for method ``gradient`` (default
     :data:`liftft.calibration.DEFAULT_CALIBRATION_BATCHES`): the run's first
     micro-batches whose |gradient| it selects by.
+    ``report_to`` is one of :data:`liftft.reporting.REPORT_TO`; ``logging_steps``
+    and ``eval_steps`` (which needs ``val_size``) are the steps between log
+    records and between evaluations of the held-out records.
     """
 
     model: str
@@ -81,6 +86,7 @@ class TrainArgs:
     gradient_checkpointing: bool = False
     loss: str = "chunked"
     val_size: int = 0
+    eval_steps: int | None = None
     template: str = "alpaca"
     data_split: str = "train"
     data_config: str | None = None
@@ -93,6 +99,8 @@ class TrainArgs:
     dist_timeout: float = 1800.0
     device: str = "auto"
     progress: bool = True
+    report_to: str = "none"
+    logging_steps: int = 1
 
     def __post_init__(self):
         if isinstance(self.data, str):
@@ -130,11 +138,21 @@ class TrainArgs:
             raise ValueError(f"--dist-timeout must be > 0 seconds, got {self.dist_timeout}")
         if self.save_steps is not None and self.save_steps < 1:
             raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
+        self._check_reporting()
         check_loss_mode(self.loss)
         if self.step_in_backward:
             self._check_step_in_backward()
         if self.fsdp:
             self._check_fsdp()
+
+    def _check_reporting(self) -> None:
+        if self.logging_steps < 1:
+            raise ValueError(f"--logging-steps must be >= 1, got {self.logging_steps}")
+        if self.eval_steps is not None and self.eval_steps < 1:
+            raise ValueError(f"--eval-steps must be >= 1, got {self.eval_steps}")
+        if self.eval_steps is not None and not self.val_size:
+            raise ValueError(f"--eval-steps {self.eval_steps} evaluates held-out records: give --val-size N too")
+        check_report_to(self.report_to)
 
     def _check_step_in_backward(self) -> None:
         if self.method not in SPARSE_SELECTORS:
@@ -180,6 +198,10 @@ class TrainArgs:
         """
         record = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _RESUMABLE and f.name != "lift"}
         return {**record, **_lift_record(self.lift.to_dict())}
+
+    def options(self) -> dict:
+        """The settings a resumption may change (logging, reporting, outputs), as this invocation has them."""
+        return {name: getattr(self, name) for name in _RESUMABLE}
 
 
 def _lift_record(settings: dict) -> dict:
@@ -284,16 +306,16 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} ({share})")
 
-    run_info = {"args": args.run_record(), "world_size": distributed.world_size()}
+    run_info = {"args": args.run_record(), "options": args.options(), "world_size": distributed.world_size()}
     if main:
         write_json_atomic(out / RUN_FILE, {**run_info, "status": "running", "data": data_stats,
                                            "trainable": setup.trainable})
-    loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16)
-    loop.maybe_resume()
-    metrics = loop.run()
-    if val_examples:
-        metrics["eval_loss"] = loop.evaluate(val_examples)
-        logger.info("eval loss %.4f on %d held-out examples", metrics["eval_loss"], len(val_examples))
+    settings = {**run_info["args"], **run_info["options"]}
+    with open_reporter(args.report_to, out, settings) if main else Reporter() as reporter:
+        loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16,
+                            val_examples=val_examples, reporter=reporter)
+        loop.maybe_resume()
+        metrics = loop.run()
     metrics.update(trainable=setup.trainable, data=data_stats)
     if main or args.fsdp:  # under FSDP2 every rank contributes its rows to the delta
         with disk_errors_named(out):

@@ -9,6 +9,8 @@ from liftft.commands import DefaultsShown, add_progress_flag, target_modules_arg
 from liftft.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
 from liftft.methods import METHODS
 from liftft.records import parse_columns
+from liftft.reporting import REPORT_TO, TENSORBOARD_DIR
+from liftft.run_config import read_config_first
 
 
 def register(subparsers) -> None:
@@ -60,15 +62,17 @@ def register(subparsers) -> None:
                    "byte more per trained entry")
     p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="all-linear, mlp, attn, a comma-separated list of module-name suffixes, or a regex")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate")
+    p.add_argument("--lr", "--learning-rate", type=float, default=2e-4, help="peak learning rate")
     p.add_argument("--loss", default="chunked", choices=("chunked", "full", "liger"),
                    help="how the cross-entropy is computed: chunked (the logits a chunk of tokens at a time, in forward "
                    "and backward), full (all the fp32 logits at once) or liger (Liger-Kernel's fused kernel: "
                    "pip install 'liftft[liger]'); a model whose logits are more than a linear head takes full")
-    p.add_argument("--epochs", type=float, default=None, help="passes over the data (default: 3)")
+    p.add_argument("--epochs", "--num-train-epochs", type=float, default=None, help="passes over the data (default: 3)")
     p.add_argument("--max-steps", type=int, default=None, help="optimizer steps, instead of --epochs")
-    p.add_argument("--batch-size", type=int, default=1, help="examples per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=16, help="micro-batches per optimizer step")
+    p.add_argument("--batch-size", "--per-device-train-batch-size", type=int, default=1,
+                   help="examples per micro-batch (per process)")
+    p.add_argument("--grad-accum", "--gradient-accumulation-steps", type=int, default=16,
+                   help="micro-batches per optimizer step")
     p.add_argument("--max-seq-len", type=int, default=2048,
                    help="longer examples lose prompt tokens from the left; EOS is never cut")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
@@ -90,7 +94,18 @@ def register(subparsers) -> None:
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 mixed precision (default: on when a CUDA GPU supports it)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
-    p.add_argument("--val-size", type=int, default=0, help="hold out N records and report eval loss")
+    p.add_argument("--val-size", type=int, default=0,
+                   help="hold out N records and log their loss (eval_loss) at the end and every --eval-steps")
+    p.add_argument("--eval-steps", type=int, default=None,
+                   help="optimizer steps between evaluations of the --val-size held-out records (default: at the end only)")
+    p.add_argument("--logging-steps", type=int, default=1,
+                   help="optimizer steps per record in DIR/train_log.jsonl and --report-to: their mean loss, the last "
+                   "one's lr and grad norm, tokens/s since the previous record and since the start (the last step "
+                   "is always logged)")
+    p.add_argument("--report-to", default="none", choices=REPORT_TO,
+                   help=f"also send the logged values to TensorBoard (DIR/{TENSORBOARD_DIR}: pip install "
+                   "'liftft[tensorboard]') or Weights & Biases (pip install 'liftft[wandb]'; WANDB_MODE, "
+                   "WANDB_PROJECT and WANDB_DIR apply; the files go to DIR/wandb by default)")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"),
                    help="prompt template of instruction records, the same one `liftft eval` uses")
     p.add_argument("--seed", type=int, default=43, help="seed for data order, selection and initialization")
@@ -105,6 +120,7 @@ def register(subparsers) -> None:
     p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress_flag(p)
+    read_config_first(p)
     p.set_defaults(func=run)
 
 
@@ -134,7 +150,7 @@ def train_args_from(args):
         columns=parse_columns(args.columns) if args.columns is not None else None,
         seed=args.seed, resume=args.resume, merge=args.merge, save_steps=args.save_steps,
         save_total_limit=args.save_total_limit, loss=args.loss, dist_timeout=args.dist_timeout, device=args.device,
-        progress=args.progress,
+        progress=args.progress, report_to=args.report_to, logging_steps=args.logging_steps, eval_steps=args.eval_steps,
     )
 
 
