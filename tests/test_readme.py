@@ -37,6 +37,10 @@ ELSEWHERE = {
     "lm_eval --model hf --model_args pretrained=OUT --tasks gsm8k":
         "not run: lm-eval is not a test dependency and gsm8k comes from the hub; OUT is the merged dir that "
         "test_merge_and_export_shira writes and tests/test_merge.py loads with AutoModelForCausalLM, as lm-eval's hf model does",
+    "lm_eval --model hf --model_args pretrained=OUT --include_path $(liftft lm-eval-tasks --data-dir LLM-Adapters/dataset) "
+    "--tasks liftft_math": "tests/test_lm_eval_tasks.py::test_readme_command_matches_liftft_eval runs it on a tiny "
+        "merged model (--limit 2) and compares it with liftft eval; skipped without lm-eval, not a test dependency",
+    "liftft lm-eval-tasks --data-dir DIR": "tests/test_lm_eval_tasks.py::test_cli_prints_only_the_pack_directory",
     "torchrun --nproc-per-node 8 -m liftft train --fsdp --model meta-llama/Meta-Llama-3-8B --data math.json "
     "--output runs/lift-8b": "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
     "torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 --rdzv-id lift-8b -m liftft "

@@ -14,7 +14,8 @@ from liftft.commands import add_progress_flag
 from liftft.errors import RunStopped
 
 # Each module defines register(subparsers); its parser sets `func`.
-COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "analyze", "bench", "estimate", "demo", "reproduce")
+COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "lm_eval_tasks", "analyze", "bench", "estimate", "demo",
+                   "reproduce")
 
 
 def build_parser() -> argparse.ArgumentParser:

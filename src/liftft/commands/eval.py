@@ -25,9 +25,8 @@ from liftft.eval import (
 )
 from liftft.eval.results import check_output, results_with_settings
 from liftft.eval.scoring import encode_prompts, generates
+from liftft.eval.tasks import TEST_FILE, find_test_file
 from liftft.template import TEMPLATES
-
-TEST_FILE = "test.json"
 
 
 def register(subparsers) -> None:
@@ -170,7 +169,7 @@ def _collect_tasks(args):
         tasks = resolve_tasks(args.tasks or "all")
     jobs, missing = [], []
     for task in tasks:
-        path = _task_file(args.data_dir, task.name)
+        path = find_test_file(args.data_dir, task.name)
         if path is None:
             missing.append(task.name)
             continue
@@ -189,14 +188,6 @@ def _checked_records(task, path, args, records=None) -> list[dict]:
     if not generates(task, args.scoring):
         check_candidates(task, records, path)
     return records[: args.limit]
-
-
-def _task_file(data_dir: str, name: str) -> Path | None:
-    """DATA_DIR/<name>/test.json, the folder matched in any case, or None."""
-    for folder in sorted(Path(data_dir).iterdir()):
-        if folder.name.lower() == name.lower() and (folder / TEST_FILE).is_file():
-            return folder / TEST_FILE
-    return None
 
 
 def _custom_name(args, taken: list[str]) -> str:

@@ -139,6 +139,16 @@ def custom_task(name: str, kind: str, records: list[dict]) -> Task:
 
 # ---------------------------------------------------------------- test files
 
+TEST_FILE = "test.json"
+
+
+def find_test_file(data_dir: str | Path, name: str) -> Path | None:
+    """DATA_DIR/<name>/test.json, the folder matched in any case, or None."""
+    for folder in sorted(Path(data_dir).iterdir()):
+        if folder.name.lower() == name.lower() and (folder / TEST_FILE).is_file():
+            return folder / TEST_FILE
+    return None
+
 
 def read_records(path: str | Path) -> list[dict]:
     """The records of a test file, checked for the fields evaluation needs.
