@@ -244,6 +244,11 @@ def _stalled_rank(rank: int, store: str, out: str) -> None:
     from liftft import distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    # The 2 s limit also bounds joining the group: on a busy machine one spawned rank may take longer than that to
+    # import torch, so both first wait until the other is ready.
+    Path(f"{out}.ready-{rank}").touch()
+    while not Path(f"{out}.ready-{1 - rank}").exists():
+        time.sleep(0.01)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2,
                             timeout=__import__("datetime").timedelta(seconds=2))
     if rank == 1:
