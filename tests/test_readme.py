@@ -6,6 +6,7 @@ test named for them instead; `test_every_readme_command_is_run_here_or_named` ke
 """
 
 import json
+import json
 import re
 import shlex
 from pathlib import Path
@@ -62,6 +63,7 @@ RUN_HERE = [
     "liftft estimate --model-config llama-8b --method lift --gpus 8 --gradient-checkpointing",
     "liftft train --config run.yaml --max-steps 200 --val-size 100 --eval-steps 50 --logging-steps 10",
     "liftft reproduce math --model M --data FILE --output DIR",
+    "liftft analyze filter-rank --model M --data FILE --test FILE --output DIR",
 ]
 
 
@@ -124,6 +126,13 @@ def test_the_three_analyses(runs, base_dir, data_file, tmp_path):
     assert cli(RUN_HERE[6], base_dir, data_file, runs / "lift", out=tmp_path / "spectrum") == 0
     assert cli(RUN_HERE[7], base_dir, data_file, tmp_path, out=tmp_path / "overlap") == 0
     assert all((tmp_path / name / f"{name}.json").is_file() for name in ("perturb", "spectrum", "overlap"))
+
+
+def test_filter_rank(base_dir, data_file, tmp_path):
+    command = next(c for c in RUN_HERE if c.startswith("liftft analyze filter-rank"))
+    assert cli(command, base_dir, data_file, tmp_path, "--ranks", "2,4", "--rank", "2", "--max-steps", "1",
+               "--batch-size", "2", "--max-seq-len", "128", "--limit", "1", "--max-new-tokens", "4", "--no-progress") == 0
+    assert [run["filter_rank"] for run in json.loads((tmp_path / "filter_rank.json").read_text())["runs"]] == [2, 4]
 
 
 def test_bench(tmp_path):

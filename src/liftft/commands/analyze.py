@@ -1,4 +1,4 @@
-"""`liftft analyze perturb|spectrum|overlap`: the paper's analyses as JSON results and PNG plots."""
+"""`liftft analyze perturb|spectrum|overlap|filter-rank`: the paper's analyses as JSON results and PNG plots."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from liftft.commands import add_progress_flag, comma_list, target_modules_arg
 from liftft.config import SELECTORS, SVD_METHODS, TARGET_PRESETS, LiftConfig
+from liftft.eval.tasks import KINDS
 from liftft.template import TEMPLATES
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -20,21 +21,24 @@ def register(subparsers) -> None:
     """Add `analyze` and its three analyses to the `liftft` command."""
     parser = subparsers.add_parser(
         "analyze",
-        help="perturbation, spectral and selection-overlap analyses, with plots",
+        help="perturbation, spectral, selection-overlap and filter-rank analyses, with plots",
         description="Analyses that show why Principal Weights matter. Each writes JSON and PNG files to --output.",
     )
     analyses = parser.add_subparsers(dest="analysis", metavar="ANALYSIS", required=True)
     _register_perturb(analyses)
     _register_spectrum(analyses)
     _register_overlap(analyses)
+    _register_filter_rank(analyses)
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
     """Run the chosen analysis; returns the exit code."""
-    if hasattr(args, "density") and args.rank is None and args.density is None:
+    # filter-rank resolves its own budget: --model demo has the demo's.
+    if hasattr(args, "density") and args.rank is None and args.density is None and args.analysis != "filter-rank":
         args.rank = LiftConfig.rank  # recorded in the JSON settings as the budget actually used
-    return {"perturb": run_perturb, "spectrum": run_spectrum, "overlap": run_overlap}[args.analysis](args)
+    return {"perturb": run_perturb, "spectrum": run_spectrum, "overlap": run_overlap,
+            "filter-rank": run_filter_rank}[args.analysis](args)
 
 
 # ---------------------------------------------------------------- perturb
@@ -202,6 +206,59 @@ def run_overlap(args) -> int:
     _print_table(header, [[kind, str(means["count"])] + [_fmt(means[c]) for c in result["comparisons"]]
                           for kind, means in groups.items()])
     print(f"wrote {output / 'overlap.json'} and {output / 'overlap.png'}")
+    return 0
+
+
+# ------------------------------------------------------------ filter-rank
+
+
+def _register_filter_rank(analyses) -> None:
+    p = analyses.add_parser(
+        "filter-rank",
+        help="target and source accuracy of LIFT fine-tunes at one budget k, by filter rank (paper's ablation)",
+        description="Fine-tune with LIFT at one budget for each filter rank (runs under DIR/runs), score each on "
+        "the target test records and the source ones, and write filter_rank.json and filter_rank.png to --output.",
+    )
+    p.add_argument("--model", required=True,
+                   help="base model: hub id or local directory; 'demo' takes the demo's cached base (pretrained "
+                   "once) with its target problems and source facts, and the demo's training settings as defaults")
+    p.add_argument("--data", nargs="+", help="training data, as for `liftft train` (demo: its target problems)")
+    p.add_argument("--test", help="target test records {instruction, input, answer}, scored by generation")
+    p.add_argument("--source", help="source-domain test records, to measure what each run keeps (optional)")
+    p.add_argument("--kind", choices=KINDS, default="number", help="answer kind of --test and --source (default: number)")
+    p.add_argument("--output", required=True, help="directory for filter_rank.json, filter_rank.png and runs/")
+    p.add_argument("--ranks", type=_positive_ints,
+                   help="comma-separated filter ranks (default: powers of two up to the largest min(m, n) of the "
+                   "targets; larger ones are clamped to it, where W_r = W)")
+    _add_budget_options(p)
+    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps per run (default: 100; demo: its own)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4; demo: its LIFT rate)")
+    p.add_argument("--batch-size", type=_positive_int, help="examples per step (default: 8; demo: its own)")
+    p.add_argument("--max-seq-len", type=_positive_int, help="as for `liftft train` (default: 512; demo: 256)")
+    p.add_argument("--svd", choices=SVD_METHODS, default="exact", help="SVD used for selection (default: exact)")
+    p.add_argument("--limit", type=_positive_int, help="score only the first N records of --test and --source")
+    p.add_argument("--max-new-tokens", type=_positive_int, help="generation length (default: 64; demo: 96)")
+    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every run (default: 0)")
+    p.add_argument("--quick", action="store_true", help="--model demo: the quick demo's smaller base")
+    p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
+                   help="as for `liftft train` (default: all-linear)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, or auto (cuda when available)")
+    add_progress_flag(p)
+
+
+def run_filter_rank(args) -> int:
+    """`liftft analyze filter-rank`."""
+    from liftft.analysis.filter_rank import PLOT_FILE, RESULT_FILE, FilterRankSettings, filter_rank_sweep
+
+    names = ("model", "output", "data", "test", "source", "kind", "ranks", "rank", "density", "lr", "max_steps",
+             "batch_size", "max_seq_len", "svd", "target_modules", "limit", "max_new_tokens", "seed", "quick",
+             "device", "progress")
+    result = filter_rank_sweep(FilterRankSettings(**{name: getattr(args, name) for name in names}))
+    header = ["filter rank", "target acc", "source acc", "train loss"]
+    _print_table(header, [["base", _fmt(result["base"].get("target_acc")), _fmt(result["base"].get("source_acc")), "-"]]
+                 + [[str(r["filter_rank"]), _fmt(r.get("target_acc")), _fmt(r.get("source_acc")), _fmt(r["train_loss"])]
+                    for r in result["runs"]])
+    print(f"wrote {Path(args.output) / RESULT_FILE} and {Path(args.output) / PLOT_FILE}")
     return 0
 
 
