@@ -97,27 +97,18 @@ def placeholder_scores(model: nn.Module, target_modules: str | Sequence[str] = "
 
 def first_micro_batches(examples: Sequence, count: int, *, seed: int, batch_size: int, grad_accum: int,
                         world: int = 1, rank: int = 0) -> list[list]:
-    """The first ``count`` micro-batches of a `liftft train` run, this rank's share of each, in its loop's order.
+    """The first ``count`` micro-batches of a `liftft train` run, this rank's share of each, in its loop's order
+    (:func:`liftft.data.step_micro_batches`), continued across epochs; micro-batches that leave this rank nothing
+    at an epoch's end are counted but empty."""
+    from liftft.data import step_micro_batches  # loads transformers, which `import liftft` does not need
 
-    The order is :class:`liftft.loop.TrainingLoop`'s (a seeded permutation
-    per epoch, ``grad_accum`` micro-batches per step, the last step of an
-    epoch short), continued across epochs; micro-batches that leave this rank
-    nothing at an epoch's end are counted but empty.
-    """
     if not examples:
         raise ValueError("no training examples to take calibration micro-batches from")
-    size = batch_size * world
-    micro_per_epoch = math.ceil(len(examples) / size)
-    steps_per_epoch = math.ceil(micro_per_epoch / grad_accum)
     batches: list[list] = []
     step = 0
     while len(batches) < count:
-        epoch, within = divmod(step, steps_per_epoch)
-        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
-        first = within * grad_accum
-        for m in range(first, min(first + grad_accum, micro_per_epoch)):
-            mine = order[m * size:(m + 1) * size][rank * batch_size:(rank + 1) * batch_size]
-            batches.append([examples[i] for i in mine.tolist()])
+        batches += step_micro_batches(list(examples), step, seed=seed, batch_size=batch_size, grad_accum=grad_accum,
+                                      world=world, rank=rank)
         step += 1
     return batches[:count]
 

@@ -11,6 +11,7 @@ loss sees the trained segments only.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -225,3 +226,23 @@ class DataCollator:
             batch["attention_mask"][row, : len(x)] = 1
             batch["labels"][row, : len(y)] = y
         return batch
+
+
+def step_micro_batches(examples: list, step: int, *, seed: int, batch_size: int, grad_accum: int, world: int = 1,
+                       rank: int = 0) -> list[list]:
+    """This rank's share of each micro-batch of optimizer step ``step`` of a `liftft train` run over ``examples``.
+
+    A function of the seed and the position alone: each epoch is a seeded
+    permutation, cut into global micro-batches of ``batch_size * world``
+    examples, ``grad_accum`` of them per step (an epoch's last step may have
+    fewer); rank r takes its ``batch_size`` of each, which at an epoch's end
+    may be short or empty.
+    """
+    size = batch_size * world
+    micro_per_epoch = math.ceil(len(examples) / size)
+    epoch, within = divmod(step, math.ceil(micro_per_epoch / grad_accum))
+    order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+    first = within * grad_accum
+    parts = [order[m * size:(m + 1) * size][rank * batch_size:(rank + 1) * batch_size]
+             for m in range(first, min(first + grad_accum, micro_per_epoch))]
+    return [[examples[i] for i in part.tolist()] for part in parts]

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from liftft import distributed
 from liftft.checkpoint import disk_errors_named, latest_checkpoint, load_checkpoint, save_checkpoint
-from liftft.data import IGNORE_INDEX, DataCollator
+from liftft.data import IGNORE_INDEX, DataCollator, step_micro_batches
 from liftft.delta import apply_delta, delta_from_optimizer, load_delta, write_delta
 from liftft.fsdp import apply_delta_to_shards, gathered_state_dicts
 from liftft.errors import TrainingDiverged
@@ -158,14 +158,8 @@ class TrainingLoop:
     def _micro_batches(self, step: int) -> list[list[dict]]:
         """The micro-batches of optimizer step ``step``: a function of the seed and the position alone."""
         args = self.args
-        epoch, within = divmod(step, self.steps_per_epoch)
-        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(args.seed * 100_003 + epoch))
-        first = within * args.grad_accum
-        micro = range(first, min(first + args.grad_accum, self.micro_per_epoch))
-        size = args.batch_size * self.world
-        # This rank's slice of each global micro-batch; at an epoch's end it may be short or empty.
-        mine = [order[m * size:(m + 1) * size][self.rank * args.batch_size:(self.rank + 1) * args.batch_size] for m in micro]
-        return [[self.examples[i] for i in part.tolist()] for part in mine]
+        return step_micro_batches(self.examples, step, seed=args.seed, batch_size=args.batch_size,
+                                  grad_accum=args.grad_accum, world=self.world, rank=self.rank)
 
     def train_step(self, micro_batches) -> tuple[float, int]:
         """One optimizer step over this rank's ``micro_batches``: (mean loss per target token, tokens seen)."""
