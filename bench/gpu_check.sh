@@ -92,7 +92,7 @@ bench_extra=()
 install=("$py" -m pip install --quiet --no-deps --no-build-isolation --no-index -e .)
 tests=("$py" -m pytest -q tests/test_kernels.py tests/test_sampled_grad.py tests/test_step_in_backward.py)
 fixture=("$py" bench/gpu_fixture.py "$WORK" --device "$device")
-model_1b=llama-1b
+model_1b=llama-1b model_8b=llama-8b
 # The train step checks the loop, not the budget: rank 8 is sparse on the tiny model too, and filter rank 16 keeps
 # its 64-wide matrices on the randomized SVD, as llama-1b's are.
 ranks=(--rank 8 --filter-rank 16)
@@ -100,7 +100,7 @@ if (( dry )); then
   install+=(--dry-run)  # the dry run leaves the environment it runs in as it is
   tests+=(-k test_backward_and_step_never_wait_for_the_gpu)  # collects every file; the one test skips on a CPU
   fixture+=(--tiny)
-  model_1b=tiny
+  model_1b=tiny model_8b=tiny
 fi
 lift_methods=floor,full,lora,lift,lift-in-backward
 
@@ -126,7 +126,7 @@ run_step fsdp-compare 30 "$py" bench/compare_deltas.py "$WORK/fsdp-plain" "$WORK
 # Last: at this shape lift's bench also times exact SVDs of all 224 matrices, so it takes whatever time is left.
 # At 8B, lift's timings of every selection variant (exact SVDs of 224 matrices, twice) would take minutes.
 bench_extra=(--no-selection-timings)
-bench_step bench-8b-1x2048 "$DEADLINE_S" 1 2048 "$WORK/llama-8b" floor,lora,lift
+bench_step bench-8b-1x2048 "$DEADLINE_S" 1 2048 "$model_8b" floor,lora,lift
 
 timeout 120 "$py" bench/gpu_summary.py "$OUT" --device "$device" --invocation "$invocation" >>"$LOG" 2>&1 || failed=1
 cat "$OUT/summary.md" 2>/dev/null || echo "summary.md was not written; see $LOG"

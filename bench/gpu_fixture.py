@@ -3,9 +3,9 @@
 Writes into WORKDIR:
 - ``base/``: a randomly initialised Llama (llama-1b's shape, or the tiny preset with --tiny) and a
   tokenizer trained on the data, both saved with save_pretrained, as `liftft train --model` expects;
-- ``data.json``: arithmetic records {instruction, input, output};
-- ``llama-8b/config.json``: Llama-3-8B's shape for `liftft bench --model-config` (tiny with --tiny),
-  since liftft.bench has no 8B preset.
+- ``data.json``: arithmetic records {instruction, input, output}.
+
+The 8B bench step takes the ``llama-8b`` preset of liftft.shapes directly.
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ from liftft.bench import MODEL_CONFIGS, build_model
 from liftft.demo.base import build_tokenizer
 from liftft.template import build_prompt
 
-LLAMA_3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                  num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0)
 RECORDS = 64
 # Large enough to hold every number and word of the records as one token; the model's vocabulary stays its shape's.
 TOKENIZER_VOCAB = 512
@@ -51,7 +49,6 @@ def write_fixture(workdir: Path, tiny: bool, device: str) -> None:
     model = build_model(config, torch.bfloat16, torch.device(device))
     model.save_pretrained(workdir / "base")
     tokenizer.save_pretrained(workdir / "base")
-    LlamaConfig(**(MODEL_CONFIGS["tiny"] if tiny else LLAMA_3_8B)).save_pretrained(workdir / "llama-8b")
 
 
 def main() -> None:
