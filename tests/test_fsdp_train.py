@@ -11,10 +11,12 @@ import socket
 import subprocess
 import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import math_records, tiny_llama
@@ -70,7 +72,21 @@ def train_here(base, data, out, **settings):
     args = TrainArgs.from_flat(model=str(base), data=[str(data)], output=str(out), epochs=None, progress=False,
                                **{**SETTINGS, **settings})
     run_training(args)
-    return load_delta(out)
+    return load_delta(out) if args.method != "full" else merged_weights(out)
+
+
+def merged_weights(out) -> dict[str, torch.Tensor]:
+    return load_file(Path(out) / "merged" / "model.safetensors")
+
+
+def assert_close_updates(weights, reference, base):
+    """Full fine-tuning's weights, compared by how far each moved from the base."""
+    base = load_file(Path(base) / "model.safetensors")
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        moved = value - base[name]
+        assert moved.norm() > 0, name
+        assert (weights[name] - value).norm() <= RELATIVE_TOLERANCE * moved.norm(), name
 
 
 def assert_close_deltas(delta, reference, tolerance=RELATIVE_TOLERANCE):
@@ -92,9 +108,19 @@ def test_one_process_fsdp_equals_the_unsharded_run(base_dir, data_file, tmp_path
     assert all(torch.equal(p, expected.get_parameter(n)) for n, p in merged.named_parameters())
 
 
+FULL = dict(method="full", lr=1e-3)
+
+
+def test_one_process_fsdp_full_fine_tuning_equals_the_unsharded_run(base_dir, data_file, tmp_path):
+    reference = train_here(base_dir, data_file, tmp_path / "plain", batch_size=2, grad_accum=2, **FULL)
+    sharded = train_here(base_dir, data_file, tmp_path / "fsdp", batch_size=2, grad_accum=2, fsdp=True, **FULL)
+    assert_close_updates(sharded, reference, base_dir)
+    assert (latest_checkpoint(tmp_path / "fsdp") / "rank-00000.safetensors").is_file()
+
+
 @pytest.mark.parametrize("flags, message", [
-    (["--method", "full"], "--fsdp trains the sparse methods"),
     (["--method", "lora"], "--fsdp trains the sparse methods"),
+    (["--method", "dora"], "--fsdp trains the sparse methods"),
     (["--step-in-backward", "--grad-accum", "1", "--max-grad-norm", "0"], "--step-in-backward runs in one process"),
 ])
 def test_fsdp_refuses_what_it_cannot_run(base_dir, data_file, tmp_path, capsys, flags, message):
@@ -159,6 +185,10 @@ def run_all(commands):
     return outputs
 
 
+ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD}",
+              "--num_machines=1", "--main_process_port=0", "--mixed_precision=no", "--dynamo_backend=no"]
+
+
 def two_nodes(base, data, out):
     """Two torchrun agents of one process each, meeting at a c10d rendezvous as two nodes would."""
     endpoint = f"127.0.0.1:{free_port()}"
@@ -188,9 +218,31 @@ def test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically(skewed_bas
     assert sum(counts) == sum(idx.numel() for idx, _ in reference.entries.values())
 
     # Resuming from it under accelerate launch replays steps 3 and 4 to the same bits.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", f"--num_processes={WORLD}",
-                "--num_machines=1", "--main_process_port=0", "--mixed_precision=no", "--dynamo_backend=no"]
-    (stdout,) = run_all([[*launcher, *liftft_train(skewed_base, odd_data, out, "--resume")]])
+    (stdout,) = run_all([[*ACCELERATE, *liftft_train(skewed_base, odd_data, out, "--resume")]])
     assert "resumed from" in stdout
     resumed = load_delta(out)
     assert all(torch.equal(resumed.entries[n][1], first.entries[n][1]) for n in first.entries)
+
+
+def test_two_rank_fsdp_full_fine_tuning_equals_one_process_and_resumes_bit_identically(skewed_base, odd_data,
+                                                                                       tmp_path):
+    out = tmp_path / "fsdp"
+    full = ["--method=full", "--lr=1e-3"]
+    endpoint = f"127.0.0.1:{free_port()}"
+    agent = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+             "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", "--rdzv-id=liftft-full"]
+    run_all([[*agent, *liftft_train(skewed_base, odd_data, out, *full)] for _ in range(WORLD)])
+    first = merged_weights(out)
+    reference = train_here(skewed_base, odd_data, tmp_path / "plain", batch_size=1, grad_accum=2 * WORLD, **FULL)
+    assert_close_updates(first, reference, skewed_base)
+    # Each rank wrote its own shards of the weights and of AdamW's state into the checkpoint.
+    checkpoint = latest_checkpoint(out)
+    shards = [load_file(checkpoint / f"rank-{r:05d}.safetensors") for r in range(WORLD)]
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert sum(shard[f"param.{name}"].shape[0] for shard in shards) == reference[name].shape[0]
+    assert all(shard[f"exp_avg.{name}"].shape == shard[f"param.{name}"].shape for shard in shards)
+
+    (stdout,) = run_all([[*ACCELERATE, *liftft_train(skewed_base, odd_data, out, *full, "--resume")]])
+    assert "resumed from" in stdout
+    resumed = merged_weights(out)
+    assert all(torch.equal(resumed[n], first[n]) for n in first)

@@ -29,7 +29,7 @@ def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] |
     removed, so a bad step cannot take the only good state with it.
     """
     root = Path(output_dir) / CHECKPOINTS
-    final = root / f"step-{step:08d}"
+    final = root / checkpoint_name(step)
     with atomic_directory(final) as tmp:
         if tensors is not None:
             save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "weights.safetensors")
@@ -40,6 +40,11 @@ def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] |
     for old in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_name(step: int) -> str:
+    """The directory name of checkpoint ``step`` under ``output_dir``/checkpoints."""
+    return f"step-{step:08d}"
 
 
 def checkpoints(output_dir) -> list[Path]:

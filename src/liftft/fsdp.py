@@ -1,17 +1,27 @@
 """FSDP2 in `liftft train --fsdp`: sharding the model, and what each rank contributes to and takes from a checkpoint.
 
 torch.distributed's own FSDP2 (``fully_shard``) shards every decoder layer and
-the root on dim 0 of a 1-D mesh over all ranks. :class:`liftft.optim.LiftAdamW`
-selects from each whole matrix on rank 0 and each rank keeps the state of the
-entries in its own rows (:mod:`liftft.distributed`). A checkpoint holds the
-delta gathered from every rank's rows (the file an unsharded run writes) and
-each rank's optimizer state, which holds only its selected entries: no full
-matrix is ever gathered on one rank to save or resume.
+the root on dim 0 of a 1-D mesh over all ranks. No full matrix is ever
+gathered on one rank to save or resume:
+
+- sparse methods: :class:`liftft.optim.LiftAdamW` selects from each whole
+  matrix on rank 0 and each rank keeps the state of the entries in its own
+  rows (:mod:`liftft.distributed`). A checkpoint holds the delta gathered from
+  every rank's rows (the file an unsharded run writes) and each rank's
+  optimizer state, which holds only its selected entries;
+- full fine-tuning: each rank writes its shard of every weight and of its
+  AdamW state to a file of its own in the checkpoint (:func:`stage_rank_file`,
+  :func:`take_rank_files`), and reads it back on resume.
 """
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
+
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from liftft import distributed
@@ -76,6 +86,23 @@ def load_sharded(path_or_id: str, dtype: torch.dtype, device: torch.device, bf16
             buffer.copy_(buffers[name])
         distributed.broadcast_from_rank0(buffer)
     return model
+
+
+def gathered_model(model: nn.Module) -> nn.Module | None:
+    """The whole of FSDP2-sharded ``model``, on rank 0's CPU, as an unsharded model of its class (for
+    ``save_pretrained``; buffers outside the state dict stay on the meta device); None on the other ranks.
+    A collective."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not distributed.is_main_process():
+        return None
+    with torch.device("meta"):
+        whole = AutoModelForCausalLM.from_config(model.config, **{DTYPE_KEYWORD: next(iter(state.values())).dtype})
+    whole.load_state_dict(state, assign=True)
+    whole.tie_weights()
+    return whole
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -149,3 +176,80 @@ def _on_cpu(value):
     if isinstance(value, (list, tuple)):
         return type(value)(_on_cpu(v) for v in value)
     return value
+
+
+RANK_FILE = "rank-{:05d}.safetensors"
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if distributed.is_dtensor(t) else t
+
+
+def local_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """This rank's shard of every parameter (``param.NAME``) and of each of its optimizer state tensors
+    (``KEY.NAME``, e.g. ``exp_avg.NAME``), as plain CPU tensors."""
+    names = {p: name for name, p in model.named_parameters()}
+    tensors = {f"param.{name}": _local(p).detach() for p, name in names.items()}
+    tensors |= {f"{key}.{names[p]}": _local(value) for p, state in optimizer.state.items()
+                for key, value in state.items()}
+    return {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+
+
+@torch.no_grad()
+def load_local_state(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                     param_groups: list[dict]) -> None:
+    """Put :func:`local_state`'s ``tensors`` back into this rank's shards of ``model`` and into ``optimizer``, whose
+    hyperparameters become ``param_groups`` (its ``state_dict()["param_groups"]`` when they were saved)."""
+    params = dict(model.named_parameters())
+    missing = sorted(set(params) - {key.partition(".")[2] for key in tensors if key.startswith("param.")})
+    if missing:
+        raise ValueError(f"the checkpoint holds no shard of {missing[0]}: it is not this run's")
+    index = {p: i for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"])}
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        kind, _, name = key.partition(".")
+        param = params[name]
+        if kind == "param":
+            _local(param).copy_(value)
+        else:
+            state.setdefault(index[param], {})[kind] = _as_shard_of(value, param)
+    optimizer.load_state_dict({"state": state, "param_groups": param_groups})
+
+
+def _as_shard_of(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``local`` on param's device, as the DTensor laid out like ``param``, when it is this rank's shard of a tensor
+    of param's shape (AdamW's moments); a scalar (its step count) stays as it is, for the optimizer to place."""
+    if not distributed.is_dtensor(param) or local.shape != param.to_local().shape:
+        return local
+    from torch.distributed.tensor import DTensor
+
+    local = local.to(param.to_local().device)
+    return DTensor.from_local(local, param.device_mesh, param.placements, shape=param.shape, stride=param.stride())
+
+
+def stage_rank_file(checkpoints: Path, name: str, tensors: dict[str, torch.Tensor]) -> str:
+    """Write this rank's ``tensors`` to a temporary file in ``checkpoints`` named as an interrupted write of
+    checkpoint ``name`` (``.NAME.XXXXXXXX``, which :func:`liftft.atomic.remove_leftovers` removes); returns its
+    path, for :func:`take_rank_files`."""
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    fd, path = tempfile.mkstemp(dir=checkpoints, prefix=f".{name}.")
+    os.close(fd)
+    save_file(tensors, path)
+    return path
+
+
+def gather_staged(path: str) -> list[str] | None:
+    """Every rank's :func:`stage_rank_file` path, in rank order, on rank 0; None on the others. A collective."""
+    import torch.distributed as dist
+
+    if distributed.world_size() == 1:
+        return [path]
+    gathered = [None] * distributed.world_size() if distributed.is_main_process() else None
+    dist.gather_object(path, gathered, dst=0)
+    return gathered
+
+
+def take_rank_files(staged: list[str], directory: Path) -> None:
+    """Move each rank's staged file into checkpoint ``directory`` as :data:`RANK_FILE`."""
+    for rank, path in enumerate(staged):
+        os.replace(path, Path(directory) / RANK_FILE.format(rank))

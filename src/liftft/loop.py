@@ -7,16 +7,20 @@ import logging
 import math
 import time
 from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from liftft import distributed
-from liftft.checkpoint import disk_errors_named, latest_checkpoint, load_checkpoint, save_checkpoint
+from liftft.checkpoint import (CHECKPOINTS, checkpoint_name, disk_errors_named, latest_checkpoint, load_checkpoint,
+                               save_checkpoint)
 from liftft.data import IGNORE_INDEX, DataCollator, step_micro_batches
 from liftft.delta import apply_delta, delta_from_optimizer, load_delta, write_delta
-from liftft.fsdp import apply_delta_to_shards, gathered_state_dicts
+from liftft.fsdp import (RANK_FILE, apply_delta_to_shards, gather_staged, gathered_state_dicts, load_local_state,
+                         local_state, stage_rank_file, take_rank_files)
 from liftft.errors import TrainingDiverged
 from liftft.loss import causal_lm_loss_sum, full_path_reason, loss_path
 from liftft.reporting import Reporter
@@ -77,13 +81,18 @@ class TrainingLoop:
         if checkpoint is None:
             return
         tensors, state = load_checkpoint(checkpoint)
-        if self.sharded:
+        if self.sharded and self.setup.kind != "sparse":  # this rank's shards of the weights and of AdamW's state
+            load_local_state(self.model, self.optimizer, load_file(checkpoint / RANK_FILE.format(self.rank)),
+                             state["optimizer_param_groups"])
+        elif self.sharded:
             apply_delta_to_shards(self.model, load_delta(checkpoint))
-        elif self.setup.kind == "sparse":
-            apply_delta(self.model, checkpoint)
+            self.optimizer.load_state_dict(state["optimizer_shards"][self.rank])
         else:
-            self.model.load_state_dict(tensors, strict=False)
-        self.optimizer.load_state_dict(state["optimizer_shards"][self.rank] if self.sharded else state["optimizer"])
+            if self.setup.kind == "sparse":
+                apply_delta(self.model, checkpoint)
+            else:
+                self.model.load_state_dict(tensors, strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
@@ -145,6 +154,8 @@ class TrainingLoop:
     def _grad_norm(self) -> float | None:
         """The gradient norm of the last step, before clipping; None when nothing clips."""
         norm = self.optimizer.grad_norm if self.setup.kind == "sparse" else self.loop_grad_norm
+        if norm is not None and distributed.is_dtensor(norm):  # clip_grad_norm_ of FSDP2's gradients
+            norm = norm.full_tensor()
         return None if norm is None else float(norm)
 
     def _evaluate_and_log(self) -> tuple[float, float]:
@@ -177,7 +188,8 @@ class TrainingLoop:
                 (self.loss_sum(self.collate(self.examples[:1])) * 0.0).backward()
         seen = sum(int(b["attention_mask"].sum()) for b in batches)
         total, seen = distributed.sum_across_ranks([total, seen])
-        if self.setup.kind != "sparse" and self.world > 1:  # LiftAdamW averages its own gathered gradients
+        # LiftAdamW averages its own gathered gradients, and FSDP2 reduce-scatters every gradient itself.
+        if self.setup.kind != "sparse" and self.world > 1 and not self.sharded:
             trained = [p for p in self.model.parameters() if p.requires_grad]
             for p in trained:
                 if p.grad is None:
@@ -222,28 +234,35 @@ class TrainingLoop:
         self._refuse_nonfinite()
         state = {"scheduler": self.scheduler.state_dict(), "rng": torch.get_rng_state(), "step": self.step,
                  "tokens": self.tokens, "elapsed": self.elapsed}
-        if self.sharded:  # each rank's state, of its own rows' entries; the delta gathers every rank's rows
-            state["optimizer_shards"] = gathered_state_dicts(self.optimizer)
-            delta = delta_from_optimizer(self.optimizer)
+        tensors, write_extra = None, None
+        with disk_errors_named(self.out):
+            if self.sharded and self.setup.kind != "sparse":  # every rank stages a file of its own shards
+                staged = gather_staged(stage_rank_file(self.out / CHECKPOINTS, checkpoint_name(self.step),
+                                                       local_state(self.model, self.optimizer)))
+                state["optimizer_param_groups"] = self.optimizer.state_dict()["param_groups"]
+                write_extra = partial(take_rank_files, staged)
+            elif self.sharded:  # each rank's state, of its own rows' entries; the delta gathers every rank's rows
+                state["optimizer_shards"] = gathered_state_dicts(self.optimizer)
+                delta = delta_from_optimizer(self.optimizer)
+                write_extra = partial(write_delta, delta)
+            else:
+                state["optimizer"] = self.optimizer.state_dict()
+                if self.setup.kind == "sparse":
+                    write_extra = partial(write_delta, delta_from_optimizer(self.optimizer))
+                else:
+                    tensors = self._trained_tensors()
             if not self.is_main:
                 return None
-        else:
-            state["optimizer"] = self.optimizer.state_dict()
-        keep = self.args.save_total_limit
-        with disk_errors_named(self.out):
-            if self.setup.kind == "sparse":
-                delta = delta if self.sharded else delta_from_optimizer(self.optimizer)
-                path = save_checkpoint(self.out, self.step, tensors=None, write_extra=lambda d: write_delta(delta, d),
-                                       state=state, keep=keep)
-            else:
-                path = save_checkpoint(self.out, self.step, tensors=self._trained_tensors(), state=state, keep=keep)
+            path = save_checkpoint(self.out, self.step, tensors=tensors, write_extra=write_extra, state=state,
+                                   keep=self.args.save_total_limit)
         logger.info("checkpoint %s", path)
         return path
 
     def _trained_tensors(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by name: under FSDP2, this rank's shards."""
         if self.setup.kind == "sparse":
             return {name: p for name, p, _ in self.optimizer.trained_parameters()}
-        return {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.to_local() if self.sharded else p for n, p in self.model.named_parameters() if p.requires_grad}
 
     def _refuse_nonfinite(self) -> None:
         bad = next((name for name, p in self._trained_tensors().items() if not bool(torch.isfinite(p).all())), None)

@@ -20,12 +20,12 @@ from liftft.card import CARD_FILE, write_model_cards
 from liftft.config import LiftConfig, clip_norm
 from liftft.data import encode_dataset, load_records, split_validation
 from liftft.delta import DELTA_FILE, META_FILE, save_delta
-from liftft.fsdp import load_sharded
+from liftft.fsdp import gathered_model, load_sharded
 from liftft.hf import load_model, load_tokenizer, set_activation_checkpointing
 from liftft.loop import TrainingLoop
 from liftft.loss import check_loss_mode
 from liftft.merge import merge_delta
-from liftft.methods import METHODS, SPARSE_SELECTORS, method_config, setup_method
+from liftft.methods import METHODS, PEFT_METHODS, SPARSE_SELECTORS, method_config, setup_method
 from liftft.preflight import check_budget, meta_model
 from liftft.reporting import Reporter, check_report_to, open_reporter
 
@@ -168,9 +168,9 @@ class TrainArgs:
         if self.method == "gradient":
             raise ValueError("--method gradient does not run under --fsdp: its calibration gradients need the whole "
                              "weights; drop --fsdp")
-        if self.method not in SPARSE_SELECTORS:
-            raise ValueError(f"--fsdp trains the sparse methods ({', '.join(SPARSE_SELECTORS)}), not --method "
-                             f"{self.method}; run {self.method} data-parallel, without --fsdp")
+        if self.method in PEFT_METHODS:
+            raise ValueError(f"--fsdp trains the sparse methods ({', '.join(SPARSE_SELECTORS)}) and full, not "
+                             f"--method {self.method}; run {self.method} data-parallel, without --fsdp")
         if self.step_in_backward:
             raise ValueError("--step-in-backward runs in one process without sharding; drop --fsdp or it")
 
@@ -371,7 +371,7 @@ def _log_to(out: Path) -> logging.Handler:
 
 
 def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
-    """Write the run's outputs from rank 0; under --fsdp every rank calls this, to gather the delta."""
+    """Write the run's outputs from rank 0; under --fsdp every rank calls this, to gather the delta or model."""
     out = Path(args.output)
     model = setup.model
     if setup.kind == "sparse":
@@ -386,6 +386,10 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
             tokenizer.save_pretrained(tmp)
         if args.merge:
             _save_hf(model.merge_and_unload(), tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
+    elif args.fsdp:  # the whole model, gathered on rank 0's CPU
+        whole = gathered_model(model)
+        if whole is not None:
+            _save_hf(whole, tokenizer, out / MERGED_DIR, checkpointing=False)
     else:
         _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     if distributed.is_main_process():
