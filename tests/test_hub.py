@@ -133,10 +133,27 @@ def test_card_front_matter_names_a_hub_base_and_the_facts():
     card = ModelCard(model_card(meta))
     assert card.data.base_model == "meta-llama/Llama-3.2-1B"
     assert card.data.tags == ["liftft", "lift", "sparse-fine-tuning"]
-    for fact in ("rank 128 per matrix", "filter rank: 64", "refreshed every (steps): 400", "math_10k.json",
+    for fact in ("rank 128 per matrix", "filter rank: 64", "selection refreshed every 400 steps", "math_10k.json",
                  "examples: 10000", "train_loss: 0.5", "trained values per step: 90,177,536",
                  "liftft.from_pretrained"):
         assert fact in card.text, fact
+
+
+@pytest.mark.parametrize("method, selector, interval, present, absent", [
+    ("full", "principal", 400, ["every parameter trained"], ["per matrix", "filter rank", "refreshed", "target modules"]),
+    ("lora", "principal", 400, ["adapter: rank 8, alpha 16", "target modules"], ["per matrix", "filter rank", "refresh"]),
+    ("gradient", "gradient", None, ["rank 8 per matrix", "selection never refreshed"], ["filter rank", "None"]),
+    ("magnitude", "magnitude", 100, ["rank 8 per matrix", "refreshed every 100 steps"], ["filter rank"]),
+])
+def test_card_states_only_what_the_method_has(method, selector, interval, present, absent):
+    meta = {"config": {"rank": 8, "filter_rank": 64, "update_interval": interval, "selector": selector,
+                       "target_modules": "all-linear"}, "training_args": {"method": method}}
+    card = ModelCard(model_card(meta))
+    sparse = method not in ("full", "lora")
+    assert card.data.tags == ["liftft", *(["lift", "sparse-fine-tuning"] if sparse else []), method]
+    facts = card.text.split("## Method and budget")[1].split("## Data")[0]
+    assert all(fact in facts for fact in present), facts
+    assert not any(fact in facts for fact in absent), facts
 
 
 def test_card_of_a_local_base_keeps_the_path_out_of_the_front_matter(trained):

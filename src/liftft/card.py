@@ -12,11 +12,14 @@ import os
 from pathlib import Path
 
 from liftft.atomic import atomic_write
+from liftft.config import PRINCIPAL_SELECTORS
 from liftft.delta import DELTA_FILE
+from liftft.methods import PEFT_METHODS, SPARSE_SELECTORS
 from liftft.hf import CONFIG_FILE, looks_local
 
 CARD_FILE = "README.md"
-TAGS = ["liftft", "lift", "sparse-fine-tuning"]
+TAGS = ["liftft"]
+SPARSE_TAGS = ["lift", "sparse-fine-tuning"]
 
 
 def model_card(meta: dict, *, merged: bool = False) -> str:
@@ -31,7 +34,8 @@ def model_card(meta: dict, *, merged: bool = False) -> str:
     method = method_name(meta)
     # The Hub checks base_model against its repositories, so a local path stays in the text only.
     hub_base = base if base and not looks_local(base) and not os.path.exists(os.path.expanduser(base)) else None
-    data = ModelCardData(base_model=hub_base, library_name="liftft", tags=list(dict.fromkeys([*TAGS, method])))
+    tags = [*TAGS, *(SPARSE_TAGS if method in SPARSE_SELECTORS else []), method]
+    data = ModelCardData(base_model=hub_base, library_name="liftft", tags=list(dict.fromkeys(tags)))
     sections = [
         f"# {method} fine-tune of {base or 'an unrecorded base model'}",
         f"{'A merged model' if merged else 'A liftft delta'}: {_what_it_is(merged)}",
@@ -78,16 +82,25 @@ def _what_it_is(merged: bool) -> str:
 
 
 def _method_facts(meta: dict, method: str) -> list[str]:
+    """What was trained and at what budget, as far as ``method`` has each of them."""
     config = meta.get("config", {})
     facts = [f"method: `{method}` ([LIFT, arXiv 2506.00772](https://arxiv.org/abs/2506.00772) and its baselines)"]
-    if config.get("rank") is not None:
+    if method == "full":
+        facts.append("every parameter trained")
+    elif method in PEFT_METHODS and config.get("rank") is not None:
+        facts.append(f"adapter: rank {config['rank']}, alpha {2 * config['rank']}")
+    elif config.get("rank") is not None:
         facts.append(f"budget: rank {config['rank']} per matrix, the parameter count of a LoRA of that rank")
     elif config.get("density") is not None:
         facts.append(f"budget: density {config['density']} of each matrix")
-    for key, label in (("filter_rank", "filter rank"), ("update_interval", "selection refreshed every (steps)"),
-                       ("target_modules", "target modules")):
-        if key in config:
-            facts.append(f"{label}: {config[key]}")
+    if method in SPARSE_SELECTORS:
+        if config.get("selector", "principal") in PRINCIPAL_SELECTORS and "filter_rank" in config:
+            facts.append(f"filter rank: {config['filter_rank']}")
+        if "update_interval" in config:
+            interval = config["update_interval"]
+            facts.append(f"selection refreshed every {interval} steps" if interval else "selection never refreshed")
+    if method != "full" and "target_modules" in config:
+        facts.append(f"target modules: {config['target_modules']}")
     trainable = meta.get("metrics", {}).get("trainable")
     if trainable is not None:
         facts.append(f"trained values per step: {trainable:,}")

@@ -317,9 +317,10 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
         loop.maybe_resume()
         metrics = loop.run()
     metrics.update(trainable=setup.trainable, data=data_stats)
-    if main or args.fsdp:  # under FSDP2 every rank contributes its rows to the delta
+    if main or args.fsdp:  # under FSDP2 every rank contributes its rows or shards to what rank 0 writes
         with disk_errors_named(out):
             _write_outputs(args, setup, tokenizer, metrics)
+    if main:
         write_json_atomic(out / RUN_FILE, {**run_info, "status": "done", "metrics": metrics,
                                            "trainable": setup.trainable})
     logger.info("done: %s", json.dumps({k: v for k, v in metrics.items() if k != "data"}))
