@@ -270,6 +270,12 @@ def test_a_config_file_is_its_flags_and_the_command_line_overrides_it(tmp_path):
     # Flags given on the command line win, before or after --config, even when they give a default's value.
     overridden = parse("--lr", "2e-4", "--config", yaml_file, "--data", "c.json", "--bf16")
     assert (overridden.lr, overridden.data, overridden.bf16, overridden.grad_accum) == (2e-4, ["c.json"], True, 4)
+    # A flag whose alternative the file gives replaces that too: --epochs for the file's max-steps, --density for rank.
+    (tmp_path / "budget.yaml").write_text("max-steps: 7\nrank: 8\n")
+    replaced = parse(*REQUIRED, "--config", tmp_path / "budget.yaml", "--num-train-epochs", "2", "--density", "0.1")
+    assert (replaced.epochs, replaced.max_steps, replaced.density, replaced.rank) == (2.0, None, 0.1, None)
+    kept = parse(*REQUIRED, "--config", tmp_path / "budget.yaml")
+    assert (kept.epochs, kept.max_steps, kept.density, kept.rank) == (None, 7, None, 8)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -20,11 +20,14 @@ from pathlib import Path
 CONFIG_FLAG = "--config"
 
 
-def read_config_first(parser: argparse.ArgumentParser) -> None:
+def read_config_first(parser: argparse.ArgumentParser, alternatives: tuple[tuple[str, str], ...] = ()) -> None:
     """Add ``--config FILE`` to ``parser``, whose parsing then reads the file's settings before the command line.
 
-    A bad file, an unknown key (named, with the known flags) or a value of the
-    wrong kind is an argparse error: exit code 2 with one line naming it.
+    ``alternatives`` are pairs of flag destinations of which a run gives one
+    (``("epochs", "max_steps")``): a command line that gives one of a pair
+    drops the other from the file, so it overrides the file there too. A bad
+    file, an unknown key (named, with the known flags) or a value of the wrong
+    kind is an argparse error: exit code 2 with one line naming it.
     """
     parser.add_argument(CONFIG_FLAG, metavar="FILE", default=None,
                         help="a YAML (.yaml/.yml) or JSON file of settings keyed by this command's flag names, "
@@ -37,7 +40,9 @@ def read_config_first(parser: argparse.ArgumentParser) -> None:
         found, _ = _config_only().parse_known_args(words)
         if found.config is not None:
             try:
-                words = config_words(parser, load_settings(Path(found.config))) + words
+                settings = load_settings(Path(found.config))
+                replaced = _replaced_alternatives(parser, words, alternatives)
+                words = config_words(parser, settings, skip=replaced) + words
             except (OSError, ValueError) as err:
                 parser.error(str(err))
         return parse_known_args(words, namespace)
@@ -77,8 +82,9 @@ def load_settings(path: Path) -> dict:
     return settings
 
 
-def config_words(parser: argparse.ArgumentParser, settings: dict) -> list[str]:
-    """The command-line words that say what ``settings`` (flag name: value) say, for ``parser``'s flags."""
+def config_words(parser: argparse.ArgumentParser, settings: dict, skip: set[str] = frozenset()) -> list[str]:
+    """The command-line words that say what ``settings`` (flag name: value) say, for ``parser``'s flags, leaving
+    out the settings whose destination is in ``skip``."""
     flags = _flags(parser)
     words = []
     for key, value in settings.items():
@@ -86,9 +92,16 @@ def config_words(parser: argparse.ArgumentParser, settings: dict) -> list[str]:
         if flag not in flags:
             raise ValueError(f"--config: unknown setting {key!r}; known: "
                              f"{', '.join(sorted(f.removeprefix('--') for f in flags))}")
-        if value is not None:
+        if value is not None and flags[flag].dest not in skip:
             words += _words(flag, flags[flag], value, key)
     return words
+
+
+def _replaced_alternatives(parser: argparse.ArgumentParser, words: list[str], alternatives) -> set[str]:
+    """The destinations whose alternative the command line ``words`` give (by any of its flags, an alias too)."""
+    flags = _flags(parser)
+    given = {flags[word.partition("=")[0]].dest for word in words if word.partition("=")[0] in flags}
+    return {other for pair in alternatives for one, other in (pair, pair[::-1]) if one in given}
 
 
 def _flags(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:

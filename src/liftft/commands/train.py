@@ -120,7 +120,7 @@ def register(subparsers) -> None:
     p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress_flag(p)
-    read_config_first(p)
+    read_config_first(p, alternatives=(("epochs", "max_steps"), ("rank", "density")))
     p.set_defaults(func=run)
 
 
