@@ -159,3 +159,25 @@ def test_update_interval_defaults(base_dir, data_file, tmp_path):
     assert parsed("--update-interval", 0).lift.update_interval is None
     assert parsed("--method", "lift").lift.update_interval == 400 and parsed("--method", "lift").calibration_batches is None
     assert parsed("--method", "lift", "--update-interval", 0).lift.update_interval is None
+
+
+def test_a_rank_whose_share_of_the_calibration_batches_is_empty_adds_zero_scores(base_dir, data_file, tmp_path,
+                                                                                 monkeypatch):
+    """With too few records for every rank, a rank without examples takes part in the averaging with zeros instead
+    of stopping alone (which would leave the others waiting in the collective until --dist-timeout)."""
+    from liftft import distributed
+    from liftft.calibration import run_gradient_scores
+
+    averaged = []
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
+    monkeypatch.setattr(distributed, "average_across_ranks", lambda tensors: averaged.append(tensors))
+    args = TrainArgs.from_flat(model=str(base_dir), data=[str(data_file)], output=str(tmp_path), method="gradient",
+                               rank=RANK, max_steps=1, epochs=None, batch_size=1, grad_accum=1,
+                               calibration_batches=3, update_interval=None, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    one_record = _examples(base_dir, data_file)[:1]  # each global micro-batch of 2 holds rank 0's example alone
+    scores = run_gradient_scores(args, model, one_record, 0, torch.device("cpu"), False)
+    targets = {n for n, p in model.named_parameters() if ".layers." in n and n.endswith("proj.weight")}
+    assert scores.keys() == targets and all(not s.any() for s in scores.values())
+    assert len(averaged) == 1 and len(averaged[0]) == len(targets)

@@ -164,8 +164,12 @@ def run_gradient_scores(args, model: nn.Module, examples: Sequence[dict], pad_to
     micro = first_micro_batches(examples, args.calibration_batches, seed=args.seed, batch_size=args.batch_size,
                                 grad_accum=args.grad_accum, world=distributed.world_size(), rank=distributed.rank())
     model.train()
-    scores = gradient_scores(model, (collate(b) for b in micro if b), args.lift.target_modules,
-                             args.lift.exclude_modules, token_mean_loss)
+    if distributed.world_size() > 1 and not any(micro):  # too few records to give this rank any: it adds nothing
+        scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+                  for name, p in find_targets(model, args.lift.target_modules, args.lift.exclude_modules).items()}
+    else:
+        scores = gradient_scores(model, (collate(b) for b in micro if b), args.lift.target_modules,
+                                 args.lift.exclude_modules, token_mean_loss)
     if distributed.world_size() > 1:
         distributed.average_across_ranks(list(scores.values()))
     return scores
