@@ -193,9 +193,11 @@ def test_wandb_offline_run_holds_the_logged_values_and_settings(base_dir, data_f
         monkeypatch.setenv(name, value)
     log = reporting_run(base_dir, data_file, tmp_path / "run", "wandb")
     (path,) = (tmp_path / "wandb-dir").glob("wandb/offline-run-*/run-*.wandb")
-    history, config = {}, {}
+    history, config, exit_codes = {}, {}, []
     for record in wandb_records(path):
         kind = record.WhichOneof("record_type")
+        if kind == "exit":
+            exit_codes.append(record.exit.exit_code)
         if kind == "history":
             row = {"/".join(item.nested_key) or item.key: json.loads(item.value_json) for item in record.history.item}
             history.setdefault(row["_step"], {}).update(row)
@@ -210,6 +212,25 @@ def test_wandb_offline_run_holds_the_logged_values_and_settings(base_dir, data_f
     assert written == expected_scalars(log)
     assert config["method"] == "lift" and config["lr"] == 2e-2 and config["logging_steps"] == 2
     assert config["report_to"] == "wandb" and config["rank"] == 2
+    assert exit_codes == [0]
+
+
+def test_a_run_that_stops_with_an_error_finishes_its_wandb_run_as_failed(monkeypatch, tmp_path):
+    wandb = pytest.importorskip("wandb")
+    from liftft.reporting import WandbReporter
+
+    finished = []
+
+    class Run:
+        def finish(self, exit_code=None):
+            finished.append(exit_code)
+
+    monkeypatch.setattr(wandb, "init", lambda **kwargs: Run())
+    with WandbReporter(tmp_path, {}):
+        pass
+    with pytest.raises(RuntimeError), WandbReporter(tmp_path, {}):
+        raise RuntimeError("diverged")
+    assert finished == [0, 1]
 
 
 def parse(*argv):

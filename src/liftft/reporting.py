@@ -47,14 +47,14 @@ class Reporter:
     def log(self, record: dict) -> None:
         """Report the scalars of one train_log.jsonl ``record`` at its ``step``."""
 
-    def close(self) -> None:
-        """Flush and release what the destination holds."""
+    def close(self, failed: bool = False) -> None:
+        """Flush and release what the destination holds; ``failed`` when the run stopped with an error."""
 
     def __enter__(self) -> "Reporter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, error, traceback) -> None:
+        self.close(failed=kind is not None)
 
 
 class TensorBoardReporter(Reporter):
@@ -70,7 +70,7 @@ class TensorBoardReporter(Reporter):
         for name, value in scalars(record).items():
             self.writer.add_scalar(name, value, record["step"])
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         self.writer.close()
 
 
@@ -91,8 +91,8 @@ class WandbReporter(Reporter):
     def log(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, failed: bool = False) -> None:
+        self.run.finish(exit_code=1 if failed else 0)  # W&B shows a diverged or interrupted run as failed
 
 
 def open_reporter(report_to: str, output: Path, settings: dict) -> Reporter:
