@@ -215,7 +215,11 @@ def test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically(skewed_bas
     shards = state["optimizer_shards"]
     assert len(shards) == WORLD
     counts = [sum(s["columns"].numel() for s in shard["state"].values()) for shard in shards]
-    assert sum(counts) == sum(idx.numel() for idx, _ in reference.entries.values())
+    trained = sum(idx.numel() for idx, _ in reference.entries.values())
+    assert sum(counts) == trained and any(f"trainable={trained:,}" in o for o in outputs)  # the count of all ranks
+    empty = [shard["state"][group["params"][group["names"].index(EMPTY_ON_RANK_1)]]["columns"].numel()
+             for shard in shards for group in shard["param_groups"][:1]]
+    assert empty[0] > 0 and empty[1] == 0
 
     # Resuming from it under accelerate launch replays steps 3 and 4 to the same bits.
     (stdout,) = run_all([[*ACCELERATE, *liftft_train(skewed_base, odd_data, out, "--resume")]])

@@ -7,10 +7,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from liftft import distributed
 from liftft.config import LiftConfig, clip_norm
 from liftft.optim import LiftAdamW
 from liftft.targets import find_targets
+from liftft.trainable import trainable_parameters
 
 SPARSE_SELECTORS = {"lift": "principal", "magnitude": "magnitude", "random": "random",
                     "principal-smallest": "principal-smallest", "s2ft": "s2ft", "gradient": "gradient"}
@@ -91,8 +91,7 @@ def setup_method(
     if method in SPARSE_SELECTORS:
         opt = LiftAdamW(model, cfg, lr=lr, betas=betas, weight_decay=weight_decay, max_grad_norm=clip,
                         step_in_backward=step_in_backward, scores=scores)
-        (selected,) = distributed.sum_across_ranks([opt.num_selected]) if opt.sharded else (opt.num_selected,)
-        return MethodSetup(model, opt, int(selected), "sparse")
+        return MethodSetup(model, opt, trainable_parameters(model, opt)[0], "sparse")
     if step_in_backward:
         raise ValueError(f"step_in_backward is for the sparse methods ({', '.join(SPARSE_SELECTORS)}), not {method}")
     if scores is not None:

@@ -11,21 +11,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from liftft import distributed
 from liftft.optim import LiftAdamW
 
 
 def trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[int, int]:
     """(values trained per step, all parameter values of ``model``).
 
-    With a :class:`liftft.LiftAdamW` (or a wrapper around one, such as
-    accelerate's), the trained values are its selected entries plus its dense
-    params; otherwise, those of parameters that require gradients.
+    With ``optimizer``, which must be a :class:`liftft.LiftAdamW` or wrap one
+    (as accelerate's does; TypeError otherwise), the trained values are its
+    selected entries plus its dense params, summed over the ranks when its
+    targets are FSDP2-sharded (a collective then). Without one, the values of
+    the parameters that require gradients.
     """
     total = sum(p.numel() for p in model.parameters())
     if optimizer is None:
         return sum(p.numel() for p in model.parameters() if p.requires_grad), total
     optimizer = unwrap_lift_optimizer(optimizer)
     dense = sum(p.numel() for _, p, kind in optimizer.trained_parameters() if kind == "dense")
+    if optimizer.sharded:
+        (selected,) = distributed.sum_across_ranks([optimizer.num_selected])
+        return int(selected) + dense, total
     return optimizer.num_selected + dense, total
 
 
