@@ -101,6 +101,10 @@ def test_resume_equals_uninterrupted(base_dir, data_file, tmp_path, monkeypatch)
     run_training(args_for(base_dir, data_file, interrupted, save_steps=2, resume=True))
     a, b = _final_delta(straight), _final_delta(interrupted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Step 5 was logged before the interruption and again after the resumption from step 4: it is in the log once.
+    logs = [[json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+            for out in (straight, interrupted)]
+    assert [(r["step"], r["loss"], r["tokens"]) for r in logs[0]] == [(r["step"], r["loss"], r["tokens"]) for r in logs[1]]
 
 
 def test_kill_during_checkpoint_leaves_previous_loadable(base_dir, data_file, tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from liftft import distributed
+from liftft.atomic import atomic_write
 from liftft.checkpoint import (CHECKPOINTS, checkpoint_name, disk_errors_named, latest_checkpoint, load_checkpoint,
                                save_checkpoint)
 from liftft.data import IGNORE_INDEX, DataCollator, step_micro_batches
@@ -98,6 +99,7 @@ class TrainingLoop:
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
         if self.is_main:
+            self._forget_log_after(self.step)
             print(f"liftft train: resumed from {checkpoint} at step {self.step}")
 
     def run(self) -> dict:
@@ -278,6 +280,21 @@ class TrainingLoop:
         last = latest_checkpoint(self.out)
         advice = " (its trained values are finite: resume from it with --resume and a lower --lr)" if last else ""
         return f"training diverged: {what}; stopped. Last good checkpoint: {last or 'none'}{advice}"
+
+    def _forget_log_after(self, step: int) -> None:
+        """Drop the records of steps after ``step`` from DIR/train_log.jsonl, which the resumed run logs again (and
+        a line a kill cut short)."""
+        path = self.out / LOG_FILE
+        if not path.is_file():
+            return
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write(path, lambda tmp: Path(tmp).write_text("".join(kept)))
 
     def _log(self, record: dict) -> None:
         """Append ``record`` to DIR/train_log.jsonl, say it in train.log and report it (rank 0 alone)."""
