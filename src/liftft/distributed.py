@@ -248,11 +248,16 @@ def shard_rows(param) -> tuple[int, int]:
     return start, stop
 
 
+def shard_span(indices: torch.Tensor, rows: tuple[int, int], columns: int) -> tuple[int, int]:
+    """[first, last): the positions among the sorted flat ``indices`` of a full matrix of the entries in ``rows``."""
+    first, last = (int(torch.searchsorted(indices, row * columns)) for row in rows)
+    return first, last
+
+
 def local_indices(indices: torch.Tensor, rows: tuple[int, int], columns: int) -> torch.Tensor:
     """The sorted flat ``indices`` of a full matrix that fall in ``rows``, as flat indices of that shard."""
-    start, stop = rows[0] * columns, rows[1] * columns
-    mine = indices[(indices >= start) & (indices < stop)]
-    return (mine - start).to(indices.dtype)
+    first, last = shard_span(indices, rows, columns)
+    return (indices[first:last] - rows[0] * columns).to(indices.dtype)
 
 
 def full_matrix(local: torch.Tensor, like) -> torch.Tensor:

@@ -128,10 +128,10 @@ def apply_delta_to_shards(model: nn.Module, delta: Delta) -> nn.Module:
         param = params[name]
         if idx is None:
             raise ValueError(f"{name} is stored whole in the delta; --fsdp trains sparse targets only")
-        start, stop = (row * param.shape[1] for row in distributed.shard_rows(param))
-        first, last = (int(torch.searchsorted(idx.long(), bound)) for bound in (start, stop))
+        rows = distributed.shard_rows(param)
+        first, last = distributed.shard_span(idx, rows, param.shape[1])
         local = param.to_local().view(-1)
-        own = (idx[first:last].long() - start).to(local.device)
+        own = distributed.local_indices(idx, rows, param.shape[1]).long().to(local.device)
         if fingerprint(distributed.cat_from_ranks(local[own])) != delta.meta["weights"][name]["base_sha256"]:
             raise ValueError(f"base fingerprint mismatch at {name}: this model is not the base the delta was "
                              "trained from (or the delta was already applied)")
