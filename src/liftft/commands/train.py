@@ -85,12 +85,12 @@ def register(subparsers) -> None:
                    "--grad-accum 1, --max-grad-norm 0 and one process; a non-finite loss stops the run after its "
                    "update was applied"),
     p.add_argument("--fsdp", action="store_true",
-                   help="sparse methods: shard the model with FSDP2 (torch's fully_shard on each decoder layer and "
-                   "the root) over the launcher's processes (torchrun or accelerate launch; one process without "
-                   "one), so each holds 1/N of the weights and the state of the selected entries in its rows. "
-                   "With --bf16, FSDP2 computes in bf16 and reduces gradients in fp32. The loss is computed from "
-                   "the full logits. Checkpoints and the delta are those of an unsharded run; --resume needs "
-                   "--fsdp and the same process count")
+                   help="sparse methods and full: shard the model with FSDP2 (torch's fully_shard on each decoder "
+                   "layer and the root) over the launcher's processes (torchrun or accelerate launch; one process "
+                   "without one), so each holds 1/N of the weights and of the optimizer state; rank 0 alone reads "
+                   "the weights. With --bf16, FSDP2 computes in bf16 and reduces gradients in fp32. The loss is "
+                   "computed from the full logits. The delta is that of an unsharded run; --resume needs --fsdp "
+                   "and the same process count")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                    help="bf16 mixed precision (default: on when a CUDA GPU supports it)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
