@@ -14,9 +14,10 @@ from liftft.bench import build_model
 from liftft.cli import main
 from liftft.config import LiftConfig
 from liftft.estimate import GIB, estimate
-from liftft.methods import setup_method
+from liftft.methods import METHODS, SPARSE_SELECTORS, setup_method
 from liftft.shapes import MODEL_CONFIGS, model_config
 from liftft.target_state import HOST_STATE
+from liftft.targets import find_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank", "ignore::FutureWarning")
 
@@ -80,11 +81,15 @@ def test_llama_8b_lift_rank_128_trains_lora_parity():
     ("random", "h256", "bfloat16", dict(rank=8), "matrix"),
     ("s2ft", "tiny", "float32", dict(rank=4), "matrix"),  # whole channels, at least one: not the budget
     ("s2ft", "h256", "bfloat16", dict(density=0.05), "matrix"),
+    ("gradient", "tiny", "bfloat16", dict(rank=2), "entry"),
+    ("gradient", "h256", "float32", dict(density=0.1), "matrix"),
 ])
 def test_sparse_state_weights_and_host_record_equal_a_real_lift_adamw(method, name, dtype, budget, bias_correction):
     model = build_model(model_config(name), getattr(torch, dtype), torch.device("cpu"))
     cfg = LiftConfig(**{"rank": None, **budget}, filter_rank=4, update_interval=None, bias_correction=bias_correction)
-    optimizer = setup_method(model, method, cfg).optimizer
+    scores = {target: torch.rand(weight.shape, generator=torch.Generator().manual_seed(i))
+              for i, (target, weight) in enumerate(find_targets(model, "all-linear").items())}
+    optimizer = setup_method(model, method, cfg, scores=scores if method == "gradient" else None).optimizer
     e = estimate(model_config(name), method, dtype=dtype, bias_correction=bias_correction, **budget)
     assert e.trainable == optimizer.num_selected
     assert e.memory["optimizer_state"] == state_bytes(optimizer, host=False)
@@ -248,6 +253,17 @@ def test_cli_prints_the_table_and_writes_the_json(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["trainable"] == estimate(model_config("tiny"), rank=2).trainable
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_cli_plans_every_method_liftft_train_offers(method, capsys):
+    assert main(["estimate", "--model-config", "tiny", "--method", method, "--rank", "2", "--gpus", "2",
+                 "--json", "-"]) == 0
+    figures = json.loads(capsys.readouterr().out)
+    assert figures["trainable"] == estimate(model_config("tiny"), method, gpus=2, rank=2).trainable
+    # Only the refreshing sparse methods broadcast a new selection; gradient selects once.
+    refreshes = method in SPARSE_SELECTORS and method != "gradient"
+    assert (figures["refresh_bytes"] > 0) == refreshes
+
+
 def test_cli_reads_a_local_model_directory_offline(base_dir, capsys):
     from liftft.hf import load_config
 
@@ -260,7 +276,6 @@ def test_cli_reads_a_local_model_directory_offline(base_dir, capsys):
 @pytest.mark.parametrize("flags,match", [
     (["--model-config", "llama-9b"], "neither a preset"),
     (["--model-config", "tiny", "--gpus", "0"], "--gpus must be an integer >= 1"),
-    (["--model-config", "tiny", "--method", "adam"], "unknown method 'adam'"),
     (["--model-config", "tiny", "--method", "lora", "--density", "0.1"], "density has no meaning for lora"),
     (["--model-config", "tiny", "--gpus", "2", "--step-in-backward"], "--step-in-backward runs in one process"),
     (["--model-config", "tiny", "--method", "full", "--step-in-backward"], "for the sparse methods"),
@@ -276,6 +291,7 @@ def test_bad_input_is_named(flags, match, capsys):
     ([], "one of the arguments --model --model-config is required"),
     (["--model", "m", "--model-config", "tiny"], "not allowed with argument"),
     (["--model-config", "tiny", "--rank", "2", "--density", "0.1"], "not allowed with argument"),
+    (["--model-config", "tiny", "--method", "adam"], "invalid choice: 'adam'"),
 ])
 def test_contradicting_flags_are_refused_by_the_parser(flags, match, capsys):
     with pytest.raises(SystemExit) as exit_:

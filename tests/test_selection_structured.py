@@ -128,6 +128,28 @@ def test_s2ft_matches_brute_force_on_gqa_shapes(overrides, budget_kw):
     assert opt.num_selected == sum(len(s) for s in want.values())
 
 
+def test_s2ft_value_takes_kv_heads_in_first_use_order_beyond_those_o_uses():
+    # GQA, 16 query heads of dim 4 over 4 KV heads, rank 7: v (16 x 64) fits 560 // 256 = 2 of the 4 KV heads, o
+    # (64 x 64) 896 // 256 = 3 query heads. With seed 3, o's three query heads of layer 0 all share KV head 2; v
+    # takes it and the next KV head the query order uses, which none of o's heads use.
+    model = tiny_llama(hidden_size=64, num_attention_heads=16, num_key_value_heads=4)
+    opt = LiftAdamW(model, LiftConfig(rank=7, selector="s2ft", seed=3))
+    params = dict(model.named_parameters())
+
+    def k_of(name):
+        return budget(tuple(params[name].shape), rank=7)
+
+    want = _s2ft_reference(model, opt.target_names, k_of, seed=3)
+    for name in opt.target_names:
+        assert _as_set(opt.indices(name)) == want[name], name
+    prefix = "model.layers.0.self_attn."
+    kv_heads = {i // 64 // 4 for i in want[prefix + "v_proj.weight"]}
+    query_heads = {i % 64 // 4 for i in want[prefix + "o_proj.weight"]}
+    assert len(kv_heads) == 2 and len(query_heads) == 3
+    used_by_o = {h // 4 for h in query_heads}
+    assert len(used_by_o) == 1 and used_by_o < kv_heads
+
+
 def test_s2ft_couples_mlp_channels_and_value_heads_to_output_heads():
     model = tiny_llama(num_attention_heads=8, num_key_value_heads=2, intermediate_size=128)
     opt = LiftAdamW(model, LiftConfig(rank=None, density=0.3, selector="s2ft"))
@@ -253,6 +275,11 @@ def test_gradient_selector_refusals():
     with pytest.raises(ValueError, match=r"must be a tensor of the weight's shape \(64, 32\)"):
         LiftAdamW(model, LiftConfig(rank=2, selector="gradient", update_interval=None, target_modules="mlp"),
                   scores=bad)
+    signed = {name: score.clone() for name, score in scores.items()}
+    signed["model.layers.1.mlp.down_proj.weight"][3, 5] = -1e-3  # a signed gradient, not |gradient|
+    with pytest.raises(ValueError, match=r"scores\['model.layers.1.mlp.down_proj.weight'\] holds negative values"):
+        LiftAdamW(model, LiftConfig(rank=2, selector="gradient", update_interval=None, target_modules="mlp"),
+                  scores=signed)
     with pytest.raises(ValueError, match="no calibration batches"):
         gradient_scores(model, [])
     assert all(p.grad is None for p in model.parameters())

@@ -23,6 +23,7 @@ from liftft.activations import FP32, activation_bytes, logits_bytes
 from liftft.config import LiftConfig
 from liftft.layout import column_dtype, index_dtype
 from liftft.methods import PEFT_METHODS, SPARSE_SELECTORS, method_config
+from liftft.preflight import meta_model_from_config
 from liftft.selection import budget
 from liftft.targets import find_targets
 
@@ -44,9 +45,10 @@ class Estimate:
     liftft hands it per optimizer step (the whole tensor, before any ring
     splits it); ``link_bytes`` is what passes through each GPU's link for them
     with ring algorithms. ``refresh_bytes`` is communicated once per LIFT
-    refresh. ``host_bytes`` is LiftAdamW's CPU-side record (indices and base
-    values of every trained entry, at the start). ``bytes_per_trained_entry``
-    is optimizer_state over this GPU's share of the trained count.
+    refresh (0 for method gradient, which never refreshes). ``host_bytes`` is
+    LiftAdamW's CPU-side record (indices and base values of every trained
+    entry, at the start). ``bytes_per_trained_entry`` is optimizer_state over
+    this GPU's share of the trained count.
     """
 
     settings: dict
@@ -89,11 +91,14 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
     """
     loss = loss or ("full" if fsdp else "chunked")
     _check_settings(method, gpus, fsdp, batch_size, seq_len, step_in_backward, dtype, loss, config)
+    # Method gradient selects once, so it takes no refresh interval.
+    interval = None if method == "gradient" else LiftConfig.update_interval
     cfg = method_config(method, LiftConfig(rank=128 if rank is None and density is None else rank, density=density,
-                                           target_modules=target_modules, bias_correction=bias_correction))
+                                           target_modules=target_modules, bias_correction=bias_correction,
+                                           update_interval=interval))
     mixed = dtype == "bfloat16"
     weight_dtype = torch.float32 if method == "full" or not mixed else torch.bfloat16
-    model = meta_model(config, weight_dtype)
+    model = meta_model_from_config(config, weight_dtype)
     shards = gpus if fsdp else 1
     if method in SPARSE_SELECTORS:
         plan = _sparse_plan(model, cfg, shards, step_in_backward)
@@ -126,23 +131,9 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
         host_bytes=plan.host,
         communication=communication,
         link_bytes=_link_bytes(communication, gpus),
-        refresh_bytes=plan.refresh_bytes if gpus > 1 else 0,
+        refresh_bytes=plan.refresh_bytes if gpus > 1 and cfg.update_interval is not None else 0,
         assumptions=assumptions(method, gpus, fsdp, gradient_checkpointing, loss, mixed),
     )
-
-
-def meta_model(config, dtype: torch.dtype = torch.float32):
-    """The causal LM of transformers ``config`` on the meta device in ``dtype``: every shape, no storage."""
-    from transformers import AutoModelForCausalLM
-
-    from liftft.hf import DTYPE_KEYWORD
-
-    try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, **{DTYPE_KEYWORD: dtype})
-    except ValueError as err:
-        raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} is not a causal LM that transformers "
-                         f"can build ({str(err).splitlines()[0]})") from err
 
 
 def lift_state_bytes(shape: tuple[int, int], k: int, weight_dtype: torch.dtype, cfg: LiftConfig,
@@ -273,13 +264,12 @@ def _selected_counts(model, targets: dict, cfg: LiftConfig) -> dict[str, int]:
     ks = {name: budget(tuple(p.shape), rank=cfg.rank, density=cfg.density) for name, p in targets.items()}
     if cfg.selector != "s2ft":
         return ks
-    from liftft.structured import s2ft_channels
+    from liftft.structured import channel_count, entries_per_channel, s2ft_channels
 
     counts = {}
     for name, spec in s2ft_channels(model, targets).items():
-        m, n = targets[name].shape
-        per_channel = spec.width * (n if spec.axis == 0 else m)
-        counts[name] = min(max(1, ks[name] // per_channel), spec.size // spec.share) * per_channel
+        shape = tuple(targets[name].shape)
+        counts[name] = channel_count(spec, shape, ks[name]) * entries_per_channel(spec, shape)
     return counts
 
 

@@ -75,7 +75,8 @@ def selection_plan(model: nn.Module, targets: dict[str, torch.Tensor], cfg: Lift
     ``scores`` ({target name: non-negative scores of the weight's shape}) is
     required by, and only allowed with, ``cfg.selector == "gradient"``.
     Raises ValueError naming the target for a ``cfg.block_size`` that does not
-    divide its shape, or scores that miss or mismatch a target.
+    divide its shape, or scores that miss or mismatch a target or hold
+    non-finite or negative values.
     """
     names = list(targets)
     if cfg.block_size is not None:
@@ -107,3 +108,7 @@ def _check_scores(scores: dict, targets: dict[str, torch.Tensor]) -> None:
                              f"{tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__}")
         if not bool(torch.isfinite(score).all()):
             raise ValueError(f"scores[{name!r}] holds non-finite values")
+        # Selection takes the largest scores, so signed gradients would drop the most negative, most important ones.
+        if bool((score < 0).any()):
+            raise ValueError(f"scores[{name!r}] holds negative values; scores must be non-negative, such as |gradient| "
+                             "(liftft.gradient_scores returns them)")

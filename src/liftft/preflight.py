@@ -23,11 +23,24 @@ WARN_DENSITY = 0.25
 
 def meta_model(path_or_id: str):
     """The model at ``path_or_id`` built from its config on the meta device: every shape, no weights loaded."""
+    return meta_model_from_config(load_config(path_or_id))
+
+
+def meta_model_from_config(config, dtype: torch.dtype = torch.float32):
+    """The causal LM of transformers ``config`` on the meta device in ``dtype``: every shape, no storage.
+
+    Raises ValueError naming the model type when transformers has no causal LM for it.
+    """
     from transformers import AutoModelForCausalLM
 
-    config = load_config(path_or_id)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
+    from liftft.hf import DTYPE_KEYWORD
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, **{DTYPE_KEYWORD: dtype})
+    except ValueError as err:
+        raise ValueError(f"model type {getattr(config, 'model_type', '?')!r} is not a causal LM that transformers "
+                         f"can build ({str(err).splitlines()[0]})") from err
 
 
 def check_budget(model, cfg: LiftConfig, sparse: bool) -> str | None:

@@ -12,9 +12,12 @@ channels whose entries fit in k (at least one channel):
   up, gate and down train the same channels, as in S2FT.
 - v_proj: head_dim-wide blocks of rows, one per KV head; o_proj: head_dim-wide
   blocks of columns, one per query head. A layer's query heads are put in one
-  random order: o takes its first heads, v the KV heads serving them, in the
-  order they first appear (under GQA several query heads share a KV head; no
-  weight is reordered, so GQA needs nothing more).
+  random order: o takes its first heads, v its first KV heads in the order
+  the query heads of that order first use them (under GQA several query heads
+  share a KV head; no weight is reordered, so GQA needs nothing more). Each
+  matrix takes as many as its own budget fits, so v trains the KV heads of o's
+  heads only as far as the budgets agree: with a rank budget under GQA, v can
+  also take KV heads that none of o's heads use.
 - q, k and every other target: random whole rows (output channels), drawn
   for that matrix alone. S2FT leaves q and k frozen; training rows keeps each
   matrix's count at LIFT's (leave them out with ``target_modules``).
@@ -78,16 +81,27 @@ def s2ft_channels(model: nn.Module, targets: dict[str, torch.Tensor]) -> dict[st
     return plan
 
 
+def entries_per_channel(spec: Channels, shape: tuple[int, int]) -> int:
+    """Entries of one channel of a target of ``shape``: ``spec.width`` whole rows or columns."""
+    m, n = shape
+    return spec.width * (n if spec.axis == 0 else m)
+
+
+def channel_count(spec: Channels, shape: tuple[int, int], k: int) -> int:
+    """Whole channels a target of ``shape`` trains with budget ``k``: max(1, k // entries per channel), at most
+    every channel of the matrix."""
+    return min(max(1, k // entries_per_channel(spec, shape)), spec.size // spec.share)
+
+
 def channel_indices(spec: Channels, shape: tuple[int, int], k: int, seed: int) -> torch.Tensor:
     """Sorted int64 flat indices (on the CPU) of the whole channels a target of ``shape`` trains with budget ``k``.
 
-    The channels are the first max(1, k // entries per channel) of the order
-    drawn from ``selection_seed(seed, spec.draw)``.
+    The channels are the first :func:`channel_count` of the order drawn from
+    ``selection_seed(seed, spec.draw)``.
     """
     m, n = shape
     order = _channel_order(spec, selection_seed(seed, spec.draw))
-    per_channel = spec.width * (n if spec.axis == 0 else m)
-    chosen = order[: min(max(1, k // per_channel), order.numel())].sort().values
+    chosen = order[: channel_count(spec, shape, k)].sort().values
     lines = (chosen.unsqueeze(1) * spec.width + torch.arange(spec.width)).flatten()
     if spec.axis == 0:
         return (lines.unsqueeze(1) * n + torch.arange(n)).flatten()

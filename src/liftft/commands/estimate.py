@@ -6,9 +6,9 @@ import json
 import os
 
 from liftft.commands import DefaultsShown
+from liftft.methods import METHODS
 from liftft.shapes import MODEL_CONFIGS
 
-METHODS = "lift, magnitude, random, principal-smallest, full, lora, dora, pissa"
 PARTS = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
          "activations": "activations", "logits": "logits", "buffers": "buffers"}
 ESTIMATED = ("activations", "logits", "buffers")
@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     source.add_argument("--model-config",
                         help=f"a preset ({', '.join(MODEL_CONFIGS)}) or PATH to a config.json file or a directory "
                         "holding one")
-    p.add_argument("--method", default="lift", help=f"one of: {METHODS}")
+    p.add_argument("--method", default="lift", choices=METHODS, help="the fine-tuning method, as liftft train --method")
     p.add_argument("--gpus", type=int, default=1, help="number of GPUs (processes), one model replica or shard each")
     p.add_argument("--fsdp", action="store_true",
                    help="shard every decoder layer and the root with FSDP2 over the GPUs (bf16 compute, fp32 reduce)")
