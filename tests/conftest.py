@@ -13,6 +13,16 @@ import torch
 # Triton reads this when liftft.kernels defines them, so it is set before any test imports that module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# torch's default of a thread per core, whose OpenMP waits spin, stalls when other processes share the cores:
+# with a second torch process on 2 cores a demo step took 10x longer on 2 threads than on 1 (docs/demo.md).
+# The tests' models are tiny, so more than 2 threads gain nothing; fewer when the load shows the cores busy.
+# OMP_NUM_THREADS, when set, decides (torch reads it); set here, it also reaches the CLIs the tests spawn.
+if "OMP_NUM_THREADS" not in os.environ:
+    from liftft.demo.threads import free_cores_now
+
+    os.environ["OMP_NUM_THREADS"] = str(min(2, free_cores_now()))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast

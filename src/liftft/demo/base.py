@@ -99,6 +99,11 @@ class DemoSettings:
     (AdamW, lr 1e-3, loss on the response) of ``finetune_steps`` steps of
     ``finetune_batch_size`` problems takes 30 to 50 s and reaches 0.6 to 0.66
     target accuracy over three seeds, keeping 0.10 to 0.26 of the source.
+
+    Each run is scored at the fractions ``score_at`` of its steps, on the
+    source facts and the first ``n_scored_target`` target test problems; each
+    method runs at the highest ``rates_per_method`` rates of its grid in
+    `liftft.demo.run`.
     """
 
     base: BaseSettings = field(default_factory=BaseSettings)
@@ -107,6 +112,22 @@ class DemoSettings:
     target_steps: tuple[int, ...] = (2, 3)
     finetune_steps: int = 400
     finetune_batch_size: int = 16
+    # Doubling steps: learning and forgetting are fastest early, and the frontier's low-target end is where methods
+    # differ most.
+    score_at: tuple[float, ...] = (1 / 8, 1 / 4, 1 / 2, 1)
+    n_scored_target: int = 100
+    rates_per_method: int = 2
+
+    def __post_init__(self):
+        if not self.score_at or not all(0 < f <= 1 for f in self.score_at):
+            raise ValueError(f"score_at must be fractions in (0, 1], got {self.score_at!r}")
+        for name in ("n_scored_target", "rates_per_method"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+
+    def score_steps(self) -> list[int]:
+        """The steps after which each run is scored: ``score_at`` of ``finetune_steps``, rounded, at least 1."""
+        return sorted({max(1, round(f * self.finetune_steps)) for f in self.score_at})
 
     @classmethod
     def quick(cls) -> "DemoSettings":
@@ -118,7 +139,8 @@ class DemoSettings:
         base = BaseSettings(
             n_people=16, n_stories=1000, hidden_size=64, intermediate_size=128, num_layers=2, pretrain_steps=1200,
         )  # fmt: skip
-        return cls(base=base, n_target_train=1000, n_target_test=100, finetune_steps=200)
+        return cls(base=base, n_target_train=1000, n_target_test=100, finetune_steps=200, score_at=(0.5, 1),
+                   n_scored_target=50, rates_per_method=1)
 
     def source_test(self) -> list[dict]:
         """The source questions: every fact the base was taught (kind ``number``)."""
