@@ -169,6 +169,41 @@ def test_the_authors_hyperparameters():
     assert (args.training()["batch_size"], args.training()["grad_accum"], args.training()["epochs"]) == (4, 4, 3)
 
 
+@pytest.mark.parametrize("batch_size", [3, 5, 12, 32])
+def test_a_batch_size_that_does_not_divide_the_effective_batch_is_refused(batch_size):
+    with pytest.raises(ValueError, match=f"--batch-size {batch_size} does not divide the protocol's effective batch "
+                                         "of 16.*1, 2, 4, 8, 16, or --grad-accum"):
+        ReproduceArgs("math", "x", "unused", batch_size=batch_size)
+    # With --grad-accum the effective batch is the user's: 3 x 5 = 15.
+    given = ReproduceArgs("math", "x", "unused", batch_size=batch_size, grad_accum=5).training()
+    assert (given["batch_size"], given["grad_accum"]) == (batch_size, 5)
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, 8, 16])
+def test_a_batch_size_alone_keeps_an_effective_batch_of_16(batch_size):
+    training = ReproduceArgs("math", "x", "unused", batch_size=batch_size).training()
+    assert training["batch_size"] * training["grad_accum"] == 16
+
+
+def test_gradient_takes_lifts_settings_without_refreshes():
+    args = ReproduceArgs("math", "Llama-2-7b-hf", "unused", methods=["gradient"])
+    assert args.method_settings("gradient") == {"lr": 2e-4, "rank": 128, "filter_rank": 64, "update_interval": None}
+    train_args = args.train_args("gradient")
+    assert (train_args.method, train_args.lift.update_interval, train_args.lift.rank) == ("gradient", None, 128)
+
+
+def test_gradient_runs_by_the_protocol(base_dir, data_file, tmp_path):
+    out = tmp_path / "out"
+    assert main([*command(base_dir, data_file, out), "--methods", "gradient", "--tasks", "AddSub"]) == 0
+    run = json.loads((out / "gradient" / "train" / "run.json").read_text())
+    assert run["status"] == "done"
+    assert {k: run["args"][k] for k in ("method", "lr", "rank", "update_interval")} == {
+        "method": "gradient", "lr": 2e-4, "rank": 2, "update_interval": None}
+    results = json.loads((out / "results.json").read_text())
+    assert results["methods"]["gradient"]["tasks"]["AddSub"]["accuracy"] == accuracy_from_predictions(
+        out / "gradient" / "eval", "AddSub")[0]
+
+
 def test_a_model_the_paper_did_not_use_gets_no_paper_column():
     args = ReproduceArgs("math", "/models/my-model", "unused", methods=["lift"], tasks="gsm8k,AQuA")
     evaluation = {"tasks": {"gsm8k": {"accuracy": 0.5, "count": 2}, "AQuA": {"accuracy": 0.25, "count": 4}}}

@@ -92,9 +92,12 @@ def check_methods(methods) -> list[str]:
 
 
 def method_settings(row: Row, method: str) -> dict:
-    """The row's hyperparameters of ``method`` (lr, rank, filter_rank, ...): LIFT's for the other sparse selectors."""
+    """The row's hyperparameters of ``method`` (lr, rank, filter_rank, ...): LIFT's for the other sparse selectors,
+    without a refresh interval for ``gradient``, which selects once."""
     if method in row.methods:
         return dict(row.methods[method])
+    if method == "gradient":
+        return {**row.methods["lift"], "update_interval": None}
     if method in LIFT_ENGINE:
         return dict(row.methods["lift"])
     raise ValueError(f"the {row.table} table has no settings for method {method!r}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from liftft import run_dir
 from liftft.commands import eval as eval_command
 from liftft.eval import read_results, resolve_tasks
+from liftft.eval.tasks import TEST_FILE, find_test_file
 from liftft.methods import PEFT_METHODS, SPARSE_SELECTORS
 from liftft.records import load_records
 from liftft.reproduce import report
@@ -39,7 +40,8 @@ class ReproduceArgs:
     clone in the working directory, ``tasks`` to the table's suite. The
     ``None`` settings fall back on the protocol (protocol.json); given, they
     override it for every method. ``batch_size`` alone keeps the effective
-    batch of 16 by dividing the accumulation. ``limit`` cuts each test set.
+    batch of 16 by dividing the accumulation, so it must divide 16 (give
+    ``grad_accum`` too to set the effective batch). ``limit`` cuts each test set.
     """
 
     table: str
@@ -82,12 +84,18 @@ class ReproduceArgs:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        effective = _effective_batch()
+        if self.batch_size is not None and self.grad_accum is None and effective % self.batch_size:
+            divisors = ", ".join(str(d) for d in range(1, effective + 1) if effective % d == 0)
+            raise ValueError(f"--batch-size {self.batch_size} does not divide the protocol's effective batch of "
+                             f"{effective}, which --batch-size alone keeps by dividing the accumulation: pass one of "
+                             f"{divisors}, or --grad-accum too to choose the effective batch")
 
     def training(self) -> dict:
         """The protocol's training settings with this run's overrides."""
         settings = dict(load_protocol()["training"])
         if self.batch_size is not None and self.grad_accum is None:
-            settings["grad_accum"] = max(1, settings["batch_size"] * settings["grad_accum"] // self.batch_size)
+            settings["grad_accum"] = _effective_batch() // self.batch_size
         for name in ("batch_size", "grad_accum", "max_seq_len", "val_size", "seed", "gradient_checkpointing"):
             if getattr(self, name) is not None:
                 settings[name] = getattr(self, name)
@@ -138,6 +146,12 @@ def reproduce(args: ReproduceArgs) -> dict:
     return results
 
 
+def _effective_batch() -> int:
+    """The protocol's sequences per optimizer step: batch size times accumulation."""
+    training = load_protocol()["training"]
+    return training["batch_size"] * training["grad_accum"]
+
+
 def _announce(row: Row, model: str) -> None:
     reasons = {
         "matched": f"matched by the model's name {model}",
@@ -151,12 +165,12 @@ def _check_test_files(data_dir: str, task_names: list[str]) -> None:
     """Refuse a --data-dir without any of the tasks' test files before training; name the missing ones."""
     folder = Path(data_dir)
     if not folder.is_dir():
-        raise FileNotFoundError(f"--data-dir {data_dir!r} does not exist; it holds <task>/test.json, as LLM-Adapters' "
-                                "dataset/ folder does (git clone https://github.com/AGI-Edgerunners/LLM-Adapters)")
-    present = {path.name.lower() for path in folder.iterdir() if (path / "test.json").is_file()}
-    missing = [name for name in task_names if name.lower() not in present]
+        raise FileNotFoundError(f"--data-dir {data_dir!r} does not exist; it holds <task>/{TEST_FILE}, as "
+                                "LLM-Adapters' dataset/ folder does (git clone "
+                                "https://github.com/AGI-Edgerunners/LLM-Adapters)")
+    missing = [name for name in task_names if find_test_file(folder, name) is None]
     if len(missing) == len(task_names):
-        raise FileNotFoundError(f"--data-dir {data_dir} holds no test file (<task>/test.json) of "
+        raise FileNotFoundError(f"--data-dir {data_dir} holds no test file (<task>/{TEST_FILE}) of "
                                 f"{', '.join(task_names)}")
     if missing:
         print(f"liftft reproduce: warning: no test file in {data_dir} for {', '.join(missing)}; the averages leave "
