@@ -149,7 +149,8 @@ def test_empty_output_is_skipped(seam_tokenizer):
 
 
 def test_nothing_left_after_filtering_is_an_error(seam_tokenizer):
-    with pytest.raises(ValueError, match="empty dataset after filtering.*1 with an empty output.*max_seq_len=20"):
+    with pytest.raises(ValueError, match="empty dataset after filtering.*1 with a blank response.*1 whose last "
+                                         "response.*max_seq_len=20"):
         encode_dataset([record(output="y" * 30), record(output="")], seam_tokenizer, max_seq_len=20)
     with pytest.raises(ValueError, match="empty dataset"):
         encode_dataset([], seam_tokenizer)

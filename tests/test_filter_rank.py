@@ -71,6 +71,44 @@ def test_json_agrees_with_each_runs_outputs(base_dir, data_file, tmp_path, finge
     assert result["best_filter_rank"] == best
 
 
+def test_the_base_is_scored_in_the_dtype_the_runs_train_in(base_dir, data_file, tmp_path, fingerprinting,
+                                                            monkeypatch):
+    import liftft.train
+
+    real = liftft.train.run_training
+
+    def bf16_run(args):  # as liftft train runs on a GPU with bf16: the trained model's weights in bf16
+        model, metrics = real(args)
+        return model.to(torch.bfloat16), metrics
+
+    monkeypatch.setattr(liftft.train, "run_training", bf16_run)
+    test = shared_path("test", "AddSub", "test.json")
+    out = tmp_path / "sweep"
+    assert main(["analyze", "filter-rank", "--model", str(base_dir), "--data", str(data_file), "--test", str(test),
+                 "--output", str(out), "--ranks", "2", *SIZE]) == 0
+    result = json.loads((out / "filter_rank.json").read_text())
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.bfloat16)
+    assert result["base"] == {"target_acc": fingerprint(base, _Named("test"), [None] * 2)}
+
+
+def test_a_failed_plot_leaves_the_previous_one(base_dir, data_file, tmp_path, fingerprinting, monkeypatch):
+    out = tmp_path / "sweep"
+    out.mkdir()
+    (out / "filter_rank.png").write_bytes(b"previous plot")
+
+    def broken_plot(result, path):
+        with open(path, "wb") as f:
+            f.write(b"half a plot")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(filter_rank, "plot_filter_rank", broken_plot)
+    test = shared_path("test", "AddSub", "test.json")
+    assert main(["analyze", "filter-rank", "--model", str(base_dir), "--data", str(data_file), "--test", str(test),
+                 "--output", str(out), "--ranks", "2", *SIZE]) == 2
+    assert (out / "filter_rank.png").read_bytes() == b"previous plot"
+    assert not [p for p in out.iterdir() if p.name.startswith(".filter_rank.png")]
+
+
 class _Named:
     def __init__(self, name):
         self.name = name

@@ -94,7 +94,9 @@ def encode_dataset(
         if example is not None:
             examples.append(example)
     empty, too_long = outcomes[_EMPTY], outcomes[_TOO_LONG]
-    reasons = f"{empty} with an empty output, {too_long} whose output plus EOS does not fit in max_seq_len={max_seq_len}"
+    reasons = (f"{empty} with a blank response (output, completion or assistant turns), {too_long} whose last "
+               f"response, what closes it (EOS or the end of turn) and the line before it do not fit in "
+               f"max_seq_len={max_seq_len}")
     if not examples:
         raise ValueError(f"empty dataset after filtering: all {len(records)} records were skipped ({reasons})")
     if empty or too_long:

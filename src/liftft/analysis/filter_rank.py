@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from liftft.atomic import write_json_atomic
+from liftft.atomic import atomic_write, write_json_atomic
 from liftft.config import LiftConfig
 
 DEMO_MODEL = "demo"
@@ -132,7 +132,9 @@ def filter_rank_sweep(settings: FilterRankSettings) -> dict:
     Every run trains from the same base, data, seed and budget, differing in
     the filter rank only, in DIR/runs/filter-rank-R (an interrupted sweep
     run again trains each run again, to the same result). The base's own
-    accuracies are measured too, as the reference each run moves from.
+    accuracies are measured too, as the reference each run moves from, in
+    the dtype the runs train in (bf16 on a GPU that has it, as `liftft
+    train` chooses).
     """
     from liftft.outputs import check_writable_dir
 
@@ -146,20 +148,22 @@ def filter_rank_sweep(settings: FilterRankSettings) -> dict:
     if note:
         print(f"liftft analyze filter-rank: {note}")
     evaluate = _Scorer(settings)
-    base = evaluate.base()
-    runs = []
+    base, runs = None, []
     for i, filter_rank in enumerate(ranks, 1):
         print(f"liftft analyze filter-rank: run {i} of {len(ranks)}: filter rank {filter_rank}", flush=True)
         model, metrics = _train(settings, filter_rank)
         runs.append({"filter_rank": filter_rank, **evaluate(model), "train_loss": metrics["train_loss"],
                      "trainable": metrics["trainable"], "output": str(_run_dir(settings, filter_rank))})
+        dtype = next(model.parameters()).dtype
         del model
+        if base is None:
+            base = evaluate.base(dtype)
     result = {"settings": {**asdict(settings), "ranks": ranks}, "lora_equivalent_rank": settings.rank,
               "base": base, "runs": runs,
               "best_filter_rank": max(runs, key=lambda r: r["target_acc"])["filter_rank"]}
     output = Path(settings.output)
     write_json_atomic(output / RESULT_FILE, result)
-    plot_filter_rank(result, output / PLOT_FILE)
+    atomic_write(output / PLOT_FILE, lambda tmp: plot_filter_rank(result, tmp))
     return result
 
 
@@ -206,11 +210,12 @@ class _Scorer:
         return {key: evaluate_task(model, tokenizer, task, records, max_new_tokens=self.settings.max_new_tokens)[0]
                 ["accuracy"] for key, (task, records) in self.sets.items()}
 
-    def base(self) -> dict:
+    def base(self, dtype) -> dict:
+        """The base model's accuracies, loaded in ``dtype`` (the runs', so that only the fine-tuning differs)."""
         from liftft.hf import load_model
         from liftft.train import resolve_device
 
-        return self(load_model(self.settings.model, device=resolve_device(self.settings.device)))
+        return self(load_model(self.settings.model, dtype, device=resolve_device(self.settings.device)))
 
 
 def plot_filter_rank(result: dict, path) -> None:
@@ -237,4 +242,4 @@ def plot_filter_rank(result: dict, path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("LIFT at a fixed budget, by filter rank")
     ax.legend(fontsize="small")
-    fig.savefig(path, dpi=DPI)
+    fig.savefig(path, dpi=DPI, format="png")  # the path may be a temporary name without the .png
