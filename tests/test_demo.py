@@ -80,7 +80,7 @@ def test_torch_threads_are_restored_after_the_block():
 
 
 def test_score_steps_are_fractions_of_the_run():
-    assert DemoSettings().score_steps() == [50, 100, 200, 400]
+    assert DemoSettings().score_steps() == [25, 50, 100, 200]
     assert DemoSettings(finetune_steps=3, score_at=(0.1, 0.5, 1)).score_steps() == [1, 2, 3]
     with pytest.raises(ValueError, match="score_at must be fractions in"):
         DemoSettings(score_at=(0.5, 1.5))
