@@ -67,6 +67,20 @@ def test_matched_levels_keep_only_levels_every_method_reaches():
         "levels": [], "dropped": [0.1], "source_acc": {"a": {}}}
 
 
+def test_table_leads_with_retention_at_the_matched_levels_and_names_the_dropped_ones():
+    from liftft.demo.report import table
+
+    points = {"lift": _points([(0.0, 1.0), (0.25, 0.5), (0.6, 0.1)]), "full": _points([(0.0, 1.0), (0.3, 0.25)])}
+    methods = {m: {"best_target_acc": max(p["target_acc"] for p in ps), "source_acc_at_best_target": 0.1,
+                   "trainable": 10, "train_seconds": 1.0, "peak_mem_mb": 2.0} for m, ps in points.items()}
+    results = {"base": {"target_acc": 0.0, "source_acc": 1.0}, "methods": methods, "settings": {},
+               "matched": matched_levels(points, levels=(0.2, 0.4))}
+    lines = table(results).splitlines()
+    assert "levels 0.4 left out" in lines[1]
+    assert lines[2].split()[:4] == ["model", "kept", "@", "≥0.2"]
+    assert lines[5].split()[:3] == ["LIFT", "0.500", "0.600"] and lines[6].split()[:3] == ["Full", "FT", "0.250"]
+
+
 def test_free_cores_leave_the_busy_ones_and_keep_one():
     assert [free_cores(2, load) for load in (0.0, 0.4, 0.6, 1.4, 1.6, 2.0, 7.5)] == [2, 2, 1, 1, 1, 1, 1]
     assert free_cores(8, 3.0) == 5 and free_cores(8, 0.0) == 8

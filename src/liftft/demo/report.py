@@ -85,6 +85,7 @@ def _matched_bars(ax, results: dict, methods: list[str]) -> None:
                label=LABELS.get(method, method))
     ax.set_xticks(list(range(len(levels))), [f"target ≥ {level:g}" for level in levels], fontsize=8)
     ax.set(ylim=(0, 1.05), ylabel="source accuracy (kept)", title="Kept at equal learning")
-    if not levels:
+    if levels:
+        ax.legend(fontsize=8, loc="upper right")
+    else:
         ax.text(0.5, 0.5, "no target level reached by every method", ha="center", va="center", transform=ax.transAxes)
-    ax.legend(fontsize=8, loc="upper right")
