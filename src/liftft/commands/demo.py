@@ -19,7 +19,7 @@ def register(subparsers) -> None:
         "DIR/demo_results.json and DIR/demo.png. On the CPU it uses a torch thread per idle core (OMP_NUM_THREADS, "
         "when set, decides instead).",
     )
-    p.add_argument("--quick", action="store_true", help="a reduced smoke run (about 2 minutes); numbers are indicative only")
+    p.add_argument("--quick", action="store_true", help="a reduced smoke run (1 to 2 minutes); numbers are indicative only")
     p.add_argument("--output", default="demo_out", help="output directory DIR (default: demo_out)")
     p.add_argument("--methods", default=",".join(DEMO_METHODS), help=f"comma-separated methods among {','.join(LABELS)}")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where to train and evaluate")

@@ -3,11 +3,12 @@ learning rates, score each run at several steps, and compare the methods along t
 
 from __future__ import annotations
 
-import json
+import shutil
 from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
+from liftft.atomic import write_json_atomic
 from liftft.config import LiftConfig
 from liftft.data import encode_dataset
 from liftft.demo.base import DemoSettings, base_path, get_base
@@ -57,7 +58,7 @@ def run_demo(output="demo_out", *, quick: bool = False, methods=DEMO_METHODS, de
         results = _run(output, settings, methods, device, seed, progress)
     results["settings"].update(quick=quick, threads=threads)
     _stage(f"writing {output / 'demo_results.json'} and {output / 'demo.png'}")
-    (output / "demo_results.json").write_text(json.dumps(results, indent=2))
+    write_json_atomic(output / "demo_results.json", results)
     plot(results, output / "demo.png")
     print(table(results))
     return results
@@ -91,8 +92,10 @@ def _rates(method: str, settings: DemoSettings) -> tuple[float, ...]:
 
 
 def _scored(method, lr, settings, output, device, seed, base, examples, score, progress) -> dict:
+    run_dir = output / "runs" / f"{method}-lr{lr:g}"
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun's log starts afresh
     args = TrainArgs(
-        model=str(base_path(settings.base)), data=[], output=str(output / "runs" / f"{method}-lr{lr:g}"),
+        model=str(base_path(settings.base)), data=[], output=str(run_dir),
         method=method, lift=LiftConfig(rank=RANK, filter_rank=FILTER_RANK, update_interval=UPDATE_INTERVAL, svd="exact"),
         lr=lr, epochs=None, max_steps=settings.finetune_steps, batch_size=settings.finetune_batch_size, grad_accum=1,
         max_seq_len=256, warmup_ratio=0.05, scheduler="linear", max_grad_norm=1.0, bf16=False, seed=seed,
@@ -117,5 +120,5 @@ def _stage(text: str) -> None:
 
 def _settings_record(settings, methods, seed, device, base) -> dict:
     return {"seed": seed, "device": str(device), "rank": RANK, "filter_rank": FILTER_RANK,
-            "update_interval": UPDATE_INTERVAL, "learning_rates": {m: _rates(m, settings) for m in methods}, "score_steps": settings.score_steps(),
-            "base_cached": base.cached, "pretrain_seconds": base.pretrain_seconds, **asdict(settings)}
+            "update_interval": UPDATE_INTERVAL, "learning_rates": {m: _rates(m, settings) for m in methods},
+            "score_steps": settings.score_steps(), "base_cached": base.cached, "pretrain_seconds": base.pretrain_seconds, **asdict(settings)}
