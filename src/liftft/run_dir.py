@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from liftft import distributed
@@ -57,9 +58,26 @@ def release(lock: Path) -> None:
 
 
 def _create(lock: Path) -> None:
-    fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    """Create ``lock`` holding this process's pid and host; FileExistsError if it exists.
+
+    The lock appears with its contents (a hard link to a file already
+    written): created empty and then written, it could be read empty in
+    between by a second run, which would take it as abandoned and take it over.
+    """
+    fd, written = tempfile.mkstemp(dir=lock.parent, prefix=f".{lock.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        try:
+            os.link(written, lock)
+        except FileExistsError:
+            raise
+        except OSError:  # a filesystem without hard links: an exclusive create, with its tiny empty window
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    finally:
+        os.unlink(written)
 
 
 def _holder(lock: Path) -> tuple[int, str]:
