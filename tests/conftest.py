@@ -184,3 +184,21 @@ def sentencepiece_style(model: models.BPE, style: str, texts=()) -> PreTrainedTo
         tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=512, special_tokens=["<unk>", "<s>", "</s>"]))
     tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def run_interrupted(monkeypatch, step: int, run) -> None:
+    """Call ``run()``, a training run, and stop it with KeyboardInterrupt where its optimizer step ``step + 1`` would
+    begin, as a kill would; the training loop is itself again afterwards."""
+    from liftft.loop import TrainingLoop
+
+    original = TrainingLoop.train_step
+
+    def stop(self, micro):
+        if self.step == step:
+            raise KeyboardInterrupt
+        return original(self, micro)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TrainingLoop, "train_step", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run()

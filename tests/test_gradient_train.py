@@ -8,6 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from conftest import run_interrupted
 from liftft import LiftConfig, load_delta
 from liftft.calibration import first_micro_batches
 from liftft.checkpoint import latest_checkpoint
@@ -103,17 +104,7 @@ def test_resume_equals_uninterrupted_without_calibrating_again(base_dir, data_fi
     common = ("--calibration-batches", 3, "--max-steps", 4, "--save-steps", 2, "--lr", "1e-2")
     assert main(_flags(base_dir, data_file, straight, *common)) == 0
 
-    original = TrainingLoop.train_step
-
-    def dies_at_step_3(self, micro):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    monkeypatch.setattr(TrainingLoop, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(_flags(base_dir, data_file, interrupted, *common))
-    monkeypatch.setattr(TrainingLoop, "train_step", original)
+    run_interrupted(monkeypatch, 3, lambda: main(_flags(base_dir, data_file, interrupted, *common)))
     assert latest_checkpoint(interrupted).name == "step-00000002"
 
     def no_calibration(*args, **kwargs):

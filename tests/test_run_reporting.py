@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import math_records
+from conftest import math_records, run_interrupted
 from liftft import LiftConfig
 from liftft.cli import build_parser, main
 from liftft.data import IGNORE_INDEX, DataCollator, encode_dataset
 from liftft.hf import load_tokenizer
-from liftft.loop import TrainingLoop
 from liftft.loss import causal_lm_loss_sum
 from liftft.reporting import scalars
 from liftft.train import TrainArgs, run_training
@@ -324,20 +323,10 @@ def test_run_json_holds_the_resolved_settings_and_a_resume_may_change_reporting(
     config = tmp_path / "run.yaml"
     config.write_text(f"model: {base_dir}\ndata: {data_file}\noutput: {out}\nmax-steps: 4\nrank: 1\nfilter_rank: 2\n"
                       "no-progress: true\nlearning-rate: 1.0e-2\nsave-steps: 2\nlogging-steps: 2\nval-size: 3\n")
-    original = TrainingLoop.train_step
-
-    def dies_at_step_3(self, micro):
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    monkeypatch.setattr(TrainingLoop, "train_step", dies_at_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", "--config", str(config), "--lr", "2e-2"])
+    run_interrupted(monkeypatch, 3, lambda: main(["train", "--config", str(config), "--lr", "2e-2"]))
     run = json.loads((out / "run.json").read_text())
     assert (run["args"]["lr"], run["args"]["max_steps"], run["args"]["rank"], run["args"]["val_size"]) == (2e-2, 4, 1, 3)
     assert run["options"]["logging_steps"] == 2 and run["options"]["eval_steps"] is None
-    monkeypatch.setattr(TrainingLoop, "train_step", original)
     # Logging and evaluation settings may change on resuming; the training settings may not.
     assert main(["train", "--config", str(config), "--lr", "2e-2", "--resume", "--logging-steps", "1",
                  "--eval-steps", "1"]) == 0

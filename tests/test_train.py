@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import math_records
+from conftest import math_records, run_interrupted
 from liftft import LiftConfig, apply_delta, load_delta
 from liftft.checkpoint import LATEST, latest_checkpoint, load_checkpoint
 from liftft.cli import build_parser, main
@@ -86,17 +86,7 @@ def test_resume_equals_uninterrupted(base_dir, data_file, tmp_path, monkeypatch)
     run_training(args_for(base_dir, data_file, straight, save_steps=2))
 
     interrupted = tmp_path / "interrupted"
-    original = TrainingLoop.train_step
-
-    def dies_at_step_5(self, micro):
-        if self.step == 5:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    monkeypatch.setattr(TrainingLoop, "train_step", dies_at_step_5)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(args_for(base_dir, data_file, interrupted, save_steps=2))
-    monkeypatch.setattr(TrainingLoop, "train_step", original)
+    run_interrupted(monkeypatch, 5, lambda: run_training(args_for(base_dir, data_file, interrupted, save_steps=2)))
     assert latest_checkpoint(interrupted).name == "step-00000004"
     run_training(args_for(base_dir, data_file, interrupted, save_steps=2, resume=True))
     a, b = _final_delta(straight), _final_delta(interrupted)
