@@ -281,6 +281,16 @@ def agreed_indices(idx: torch.Tensor, sharded) -> torch.Tensor:
     return local_indices(idx, shard_rows(sharded), sharded.shape[1])
 
 
+def gather_to_rank0(value) -> list | None:
+    """Every rank's picklable ``value``, in rank order, on rank 0; None on the others (a collective). For small
+    things and CPU tensors: the value is pickled."""
+    if world_size() == 1:
+        return [value]
+    gathered = [None] * world_size() if is_main_process() else None
+    dist.gather_object(value, gathered, dst=0)
+    return gathered
+
+
 def cat_from_ranks(t: torch.Tensor) -> torch.Tensor:
     """The 1-D tensors ``t`` of every rank, concatenated in rank order, on every rank (on ``t``'s device)."""
     if world_size() == 1:

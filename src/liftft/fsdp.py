@@ -158,14 +158,7 @@ def gathered_state_dicts(optimizer: torch.optim.Optimizer) -> list[dict] | None:
     this rank's rows alone, so rank 0 receives the state of the k selected
     entries per matrix, not the matrices.
     """
-    import torch.distributed as dist
-
-    state = _on_cpu(optimizer.state_dict())
-    if distributed.world_size() == 1:
-        return [state]
-    gathered = [None] * distributed.world_size() if distributed.is_main_process() else None
-    dist.gather_object(state, gathered, dst=0)
-    return gathered
+    return distributed.gather_to_rank0(_on_cpu(optimizer.state_dict()))
 
 
 def _on_cpu(value):
@@ -230,23 +223,12 @@ def _as_shard_of(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
 def stage_rank_file(checkpoints: Path, name: str, tensors: dict[str, torch.Tensor]) -> str:
     """Write this rank's ``tensors`` to a temporary file in ``checkpoints`` named as an interrupted write of
     checkpoint ``name`` (``.NAME.XXXXXXXX``, which :func:`liftft.atomic.remove_leftovers` removes); returns its
-    path, for :func:`take_rank_files`."""
+    path, which rank 0 gathers (:func:`liftft.distributed.gather_to_rank0`) for :func:`take_rank_files`."""
     checkpoints.mkdir(parents=True, exist_ok=True)
     fd, path = tempfile.mkstemp(dir=checkpoints, prefix=f".{name}.")
     os.close(fd)
     save_file(tensors, path)
     return path
-
-
-def gather_staged(path: str) -> list[str] | None:
-    """Every rank's :func:`stage_rank_file` path, in rank order, on rank 0; None on the others. A collective."""
-    import torch.distributed as dist
-
-    if distributed.world_size() == 1:
-        return [path]
-    gathered = [None] * distributed.world_size() if distributed.is_main_process() else None
-    dist.gather_object(path, gathered, dst=0)
-    return gathered
 
 
 def take_rank_files(staged: list[str], directory: Path) -> None:

@@ -20,7 +20,7 @@ from liftft.checkpoint import (CHECKPOINTS, checkpoint_name, disk_errors_named, 
                                save_checkpoint)
 from liftft.data import IGNORE_INDEX, DataCollator, step_micro_batches
 from liftft.delta import apply_delta, delta_from_optimizer, load_delta, write_delta
-from liftft.fsdp import (RANK_FILE, apply_delta_to_shards, gather_staged, gathered_state_dicts, load_local_state,
+from liftft.fsdp import (RANK_FILE, apply_delta_to_shards, gathered_state_dicts, load_local_state,
                          local_state, stage_rank_file, take_rank_files)
 from liftft.errors import TrainingDiverged
 from liftft.loss import causal_lm_loss_sum, full_path_reason, loss_path
@@ -239,8 +239,9 @@ class TrainingLoop:
         tensors, write_extra = None, None
         with disk_errors_named(self.out):
             if self.sharded and self.setup.kind != "sparse":  # every rank stages a file of its own shards
-                staged = gather_staged(stage_rank_file(self.out / CHECKPOINTS, checkpoint_name(self.step),
-                                                       local_state(self.model, self.optimizer)))
+                mine = stage_rank_file(self.out / CHECKPOINTS, checkpoint_name(self.step),
+                                       local_state(self.model, self.optimizer))
+                staged = distributed.gather_to_rank0(mine)
                 state["optimizer_param_groups"] = self.optimizer.state_dict()["param_groups"]
                 write_extra = partial(take_rank_files, staged)
             elif self.sharded:  # each rank's state, of its own rows' entries; the delta gathers every rank's rows
