@@ -5,7 +5,7 @@ Writes into WORKDIR:
   tokenizer trained on the data, both saved with save_pretrained, as `liftft train --model` expects;
 - ``data.json``: arithmetic records {instruction, input, output}.
 
-The 8B bench step takes the ``llama-8b`` preset of liftft.shapes directly.
+The 8B bench step takes the ``llama-8b`` preset of liftft.planning.shapes directly.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig
 
-from liftft.bench import MODEL_CONFIGS, build_model
+from liftft.planning.bench import MODEL_CONFIGS, build_model
 from liftft.demo.base import build_tokenizer
-from liftft.template import build_prompt
+from liftft.data.template import build_prompt
 
 RECORDS = 64
 # Large enough to hold every number and word of the records as one token; the model's vocabulary stays its shape's.

@@ -167,7 +167,7 @@ def environment(device: str) -> dict:
     """liftft bench's environment record of this machine, plus the CUDA version torch was built with."""
     import torch
 
-    from liftft.bench import environment as bench_environment
+    from liftft.planning.bench import environment as bench_environment
 
     # Only a CUDA device that is there can be named; a run asked for one that is not records the CPU.
     measured = torch.device(device) if torch.cuda.is_available() else torch.device("cpu")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 # Without a GPU, liftft's Triton kernels run in Triton's interpreter on CPU tensors (tests/test_kernels.py).
-# Triton reads this when liftft.kernels defines them, so it is set before any test imports that module.
+# Triton reads this when liftft.engine.kernels defines them, so it is set before any test imports that module.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -66,7 +66,9 @@ class Square(torch.nn.Module):
 def train_and_save(tmp_path, tokenizer=None, dtype=torch.float32, steps=6, rank=1, update_interval=2):
     """Save a tiny base (and tokenizer) to tmp_path/base, train a copy with LIFT on its matrices and dense
     norms, save the delta to tmp_path/delta, and return the trained model."""
-    from liftft import LiftAdamW, LiftConfig, save_delta
+    from liftft import LiftAdamW
+    from liftft import LiftConfig
+    from liftft import save_delta
 
     base_dir = tmp_path / "base"
     tiny_llama(dtype=dtype).save_pretrained(base_dir)
@@ -120,7 +122,7 @@ def math_records(n: int = 16) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from liftft.template import build_prompt
+    from liftft.data.template import build_prompt
 
     texts = [build_prompt(r) + r["output"] for r in math_records(200)]
     return train_tokenizer(texts)
@@ -189,7 +191,7 @@ def sentencepiece_style(model: models.BPE, style: str, texts=()) -> PreTrainedTo
 def run_interrupted(monkeypatch, step: int, run) -> None:
     """Call ``run()``, a training run, and stop it with KeyboardInterrupt where its optimizer step ``step + 1`` would
     begin, as a kill would; the training loop is itself again afterwards."""
-    from liftft.loop import TrainingLoop
+    from liftft.training.loop import TrainingLoop
 
     original = TrainingLoop.train_step
 

@@ -27,10 +27,10 @@ from liftft.analysis import (
 )
 from liftft.analysis.matrices import select_as_training, target_budgets
 from liftft.cli import main
-from liftft.config import LiftConfig
-from liftft.optim import LiftAdamW
-from liftft.targets import find_targets
-from liftft.template import build_prompt, encode_prompt
+from liftft.engine.config import LiftConfig
+from liftft.engine.optim import LiftAdamW
+from liftft.engine.targets import find_targets
+from liftft.data.template import build_prompt, encode_prompt
 
 ALL_SELECTORS = ("principal", "magnitude", "random", "principal-smallest")
 LLAMA_TYPES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -450,7 +450,7 @@ def test_cli_spectrum_overlays_a_merged_model_and_a_peft_adapter(model_dir, tmp_
 
 
 def test_cli_spectrum_reads_a_liftft_delta(model_dir, tmp_path):
-    from liftft.delta import Delta, fingerprint, write_delta
+    from liftft.deltas.delta import Delta, fingerprint, write_delta
 
     name = "model.layers.1.mlp.up_proj.weight"
     base = tiny_llama().get_parameter(name).detach()  # the weights saved in model_dir

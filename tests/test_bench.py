@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from liftft.cli import main
-from liftft.selection import budget, select_indices, select_many, shape_groups
+from liftft.engine.selection import budget, select_indices, select_many, shape_groups
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank", "ignore::FutureWarning")
 
@@ -106,7 +106,7 @@ def test_bad_flags_fail_before_any_work(flags, match, capsys):
 def test_model_config_reads_a_config_file(tmp_path):
     from transformers import LlamaConfig
 
-    from liftft.bench import model_config
+    from liftft.planning.bench import model_config
 
     LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4).save_pretrained(tmp_path)
     for path in (tmp_path, tmp_path / "config.json"):

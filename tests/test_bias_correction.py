@@ -6,8 +6,9 @@ import math
 import pytest
 import torch
 from conftest import Square
-from liftft import LiftAdamW, LiftConfig
-from liftft.target_state import TRACKED_REFRESHES, carried_state, fresh_state
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.engine.target_state import TRACKED_REFRESHES, carried_state, fresh_state
 
 LR, BETAS = 1e-2, (0.9, 0.999)
 GRAD = torch.linspace(-1.0, 1.0, 16).view(4, 4) + 0.05  # a constant gradient, no entry zero

@@ -12,9 +12,9 @@ import pytest
 from conftest import CHAT_TEMPLATE, tiny_llama
 
 from liftft import cli
-from liftft.data import IGNORE_INDEX, encode_dataset, encode_example, load_records
+from liftft.data.batches import IGNORE_INDEX, encode_dataset, encode_example, load_records
 from liftft.eval.scoring import encode_prompts
-from liftft.template import build_prompt, encode_prompt
+from liftft.data.template import build_prompt, encode_prompt
 
 BOS, EOS = 1, 2
 

@@ -6,8 +6,9 @@ import pytest
 from torch import nn
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig
-from liftft.config import clip_norm
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.engine.config import clip_norm
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""Tests of liftft.data: loading, label masks at the seam, EOS under truncation, batching."""
+"""Tests of liftft.data.batches: loading, label masks at the seam, EOS under truncation, batching."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
 
-from liftft.data import DataCollator, encode_dataset, encode_example, load_records, split_validation
-from liftft.records import parse_columns
-from liftft.template import build_prompt, encode_prompt
+from liftft.data.batches import DataCollator, encode_dataset, encode_example, load_records, split_validation
+from liftft.data.records import parse_columns
+from liftft.data.template import build_prompt, encode_prompt
 
 BOS, EOS = 1, 2
 

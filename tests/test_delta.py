@@ -6,8 +6,12 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, apply_delta, load_delta, save_delta
-from liftft.delta import exact_difference
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft import apply_delta
+from liftft import load_delta
+from liftft import save_delta
+from liftft.deltas.delta import exact_difference
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -111,7 +115,7 @@ def test_missing_directory(tmp_path):
 def test_indices_are_stored_compressed_and_format_1_still_applies(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from liftft.delta import DELTA_FILE
+    from liftft.deltas.delta import DELTA_FILE
 
     trained = tiny_llama(dtype=torch.bfloat16)
     opt, seen = train_with_refreshes(trained)
@@ -144,7 +148,7 @@ def test_indices_are_stored_compressed_and_format_1_still_applies(tmp_path):
 def test_damaged_compressed_indices_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from liftft.delta import DELTA_FILE
+    from liftft.deltas.delta import DELTA_FILE
 
     opt, _ = train_with_refreshes(tiny_llama(), steps=2)
     save_delta(opt, tmp_path)
@@ -205,7 +209,7 @@ def test_entries_that_shrank_far_below_their_base_are_stored_exactly(tmp_path, d
 def test_damaged_exact_values_are_named(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    from liftft.delta import DELTA_FILE
+    from liftft.deltas.delta import DELTA_FILE
 
     test_entries_that_shrank_far_below_their_base_are_stored_exactly(tmp_path, torch.bfloat16, 2.0**-30)
     tensors = load_file(tmp_path / DELTA_FILE)

@@ -20,7 +20,7 @@ from liftft.demo.data import (
     pretraining_records,
     story_record,
 )
-from liftft.template import build_prompt, encode_prompt
+from liftft.data.template import build_prompt, encode_prompt
 
 WORLD = make_world(seed=0, n_people=8)
 

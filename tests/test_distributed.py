@@ -22,11 +22,14 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, load_delta, select_indices
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft import load_delta
+from liftft import select_indices
 from liftft.cli import main
-from liftft.delta import fingerprint
-from liftft.distributed import local_indices
-from liftft.train import TrainArgs, run_training
+from liftft.deltas.delta import fingerprint
+from liftft.utils.distributed import local_indices
+from liftft.training.train import TrainArgs, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -176,7 +179,7 @@ def _fsdp2(rank, rows, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from liftft.delta import sharded_delta
+    from liftft.deltas.delta import sharded_delta
 
     model = tiny_llama(seed=0, **SHAPE)
     mesh = init_device_mesh("cpu", (WORLD,))

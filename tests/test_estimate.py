@@ -8,20 +8,20 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from liftft import distributed
-from liftft.activations import activation_bytes, logits_bytes
-from liftft.bench import build_model
+from liftft.utils import distributed
+from liftft.planning.activations import activation_bytes, logits_bytes
+from liftft.planning.bench import build_model
 from liftft.cli import main
-from liftft.config import LiftConfig
-from liftft.estimate import GIB, estimate
-from liftft.methods import METHODS, SPARSE_SELECTORS, setup_method
-from liftft.shapes import MODEL_CONFIGS, model_config
-from liftft.target_state import HOST_STATE
-from liftft.targets import find_targets
+from liftft.engine.config import LiftConfig
+from liftft.planning.estimate import GIB, estimate
+from liftft.engine.methods import METHODS, SPARSE_SELECTORS, setup_method
+from liftft.planning.shapes import MODEL_CONFIGS, model_config
+from liftft.engine.target_state import HOST_STATE
+from liftft.engine.targets import find_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank", "ignore::FutureWarning")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ESTIMATE_DOC = Path(__file__).resolve().parents[1] / "docs" / "estimate.md"
 
 
 def llama_parameters(shape: dict) -> int:
@@ -155,8 +155,8 @@ def two_ranks_pretended(monkeypatch):
 @pytest.mark.parametrize("method", ["lift", "full", "lora"])
 def test_bytes_communicated_per_step_are_what_the_training_loop_all_reduces(method, two_ranks_pretended, tmp_path,
                                                                              monkeypatch):
-    from liftft.loop import TrainingLoop
-    from liftft.train import TrainArgs
+    from liftft.training.loop import TrainingLoop
+    from liftft.training.train import TrainArgs
 
     args = TrainArgs(model="unused", data=["unused"], output=str(tmp_path), method=method, epochs=None, max_steps=1,
                      batch_size=2, grad_accum=1, lift=LiftConfig(rank=2, filter_rank=4, update_interval=None))
@@ -265,7 +265,7 @@ def test_cli_plans_every_method_liftft_train_offers(method, capsys):
 
 
 def test_cli_reads_a_local_model_directory_offline(base_dir, capsys):
-    from liftft.hf import load_config
+    from liftft.utils.hf import load_config
 
     assert main(["estimate", "--model", str(base_dir), "--method", "lora", "--rank", "2", "--seq-len", "128",
                  "--json", "-"]) == 0
@@ -313,4 +313,4 @@ def test_a_config_that_is_not_a_causal_lm_is_named(tmp_path, capsys):
 def test_readme_holds_the_planning_table_as_the_code_computes_it():
     from liftft.commands.estimate import planning_table
 
-    assert planning_table() in README.read_text()
+    assert planning_table() in ESTIMATE_DOC.read_text()

@@ -12,7 +12,7 @@ from eval_data import shipped_records
 
 from liftft import cli
 from liftft.eval import TASKS, candidates
-from liftft.template import build_prompt, encode_prompt
+from liftft.data.template import build_prompt, encode_prompt
 
 
 @pytest.fixture
@@ -66,7 +66,7 @@ def test_eval_end_to_end(model_dir, tmp_path, tokenizer, scoring, capsys):
 
 
 def test_delta_is_applied_to_the_base_model(model_dir, tmp_path, monkeypatch):
-    import liftft.delta
+    import liftft.deltas.delta
 
     applied = []
 
@@ -76,8 +76,8 @@ def test_delta_is_applied_to_the_base_model(model_dir, tmp_path, monkeypatch):
         model.model.norm.weight.data.zero_()
         return model
 
-    monkeypatch.setattr(liftft.delta, "apply_delta", silence_model)
-    monkeypatch.setattr(liftft.delta, "load_delta", str)  # the "delta" read is its path, which apply_delta records
+    monkeypatch.setattr(liftft.deltas.delta, "apply_delta", silence_model)
+    monkeypatch.setattr(liftft.deltas.delta, "load_delta", str)  # the "delta" read is its path, which apply_delta records
     delta_dir = tmp_path / "delta"
     delta_dir.mkdir()
     out = tmp_path / "out"

@@ -10,9 +10,9 @@ from conftest import sentencepiece_style, tiny_llama
 from eval_data import shipped_records
 from tokenizers import models
 
-from liftft.data import encode_example
+from liftft.data.batches import encode_example
 from liftft.eval import TASKS, candidates, continuation, evaluate_task, extract_answer
-from liftft.template import build_prompt, encode_prompt, encode_response
+from liftft.data.template import build_prompt, encode_prompt, encode_response
 
 
 # ------------------------------------------------ log-likelihood scoring

@@ -10,12 +10,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import liftft.hf
+import liftft.utils.hf
 from conftest import tiny_llama, train_and_save
-from liftft import apply_delta, load_delta
-from liftft.atomic import remove_leftovers
+from liftft import apply_delta
+from liftft import load_delta
+from liftft.utils.atomic import remove_leftovers
 from liftft.cli import main
-from liftft.delta import DELTA_FILE, META_FILE
+from liftft.deltas.delta import DELTA_FILE, META_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -247,7 +248,7 @@ def no_model_loads(monkeypatch):
     def load_model(*args, **kwargs):
         raise AssertionError("a model was loaded for a damaged delta")
 
-    monkeypatch.setattr(liftft.hf, "load_model", load_model)
+    monkeypatch.setattr(liftft.utils.hf, "load_model", load_model)
 
 
 @pytest.mark.parametrize("damage", DAMAGE, ids=lambda damage: damage.__name__)

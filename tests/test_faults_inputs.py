@@ -13,7 +13,7 @@ from conftest import math_records, tiny_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from liftft import cli
-from liftft.template import build_prompt, encode_prompt
+from liftft.data.template import build_prompt, encode_prompt
 
 # Records whose prompts are short enough for a model with few positions.
 NUMBER_RECORDS = [{"instruction": f"What is {i} plus {i}?", "input": "", "answer": str(2 * i)} for i in range(3)]
@@ -115,12 +115,12 @@ def test_eval_output_in_a_directory_that_refuses_files(
 
 
 def test_eval_output_check_leaves_nothing_behind_when_a_later_step_fails(base_dir, sums, tmp_path, monkeypatch, capsys):
-    import liftft.hf
+    import liftft.utils.hf
 
     def broken_tokenizer(path):
         raise ValueError("tokenizer broken on purpose")
 
-    monkeypatch.setattr(liftft.hf, "load_tokenizer", broken_tokenizer)
+    monkeypatch.setattr(liftft.utils.hf, "load_tokenizer", broken_tokenizer)
     assert run_eval(base_dir, tmp_path / "new" / "out", sums) == 2
     assert "tokenizer broken on purpose" in capsys.readouterr().err
     assert not (tmp_path / "new").exists()

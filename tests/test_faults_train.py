@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import liftft.train
+import liftft.training.train
 from conftest import tiny_llama
-from liftft.checkpoint import checkpoints, latest_checkpoint
+from liftft.training.checkpoint import checkpoints, latest_checkpoint
 from liftft.cli import main
-from liftft.run_dir import LOCK_FILE
+from liftft.training.run_dir import LOCK_FILE
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -46,8 +46,8 @@ def weights_never_load(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("the weights were loaded or the data tokenised before the bad setting was refused")
 
-    monkeypatch.setattr(liftft.train, "load_model", forbidden)
-    monkeypatch.setattr(liftft.train, "encode_dataset", forbidden)
+    monkeypatch.setattr(liftft.training.train, "load_model", forbidden)
+    monkeypatch.setattr(liftft.training.train, "encode_dataset", forbidden)
 
 
 def trained_values_finite(checkpoint: Path) -> bool:
@@ -241,7 +241,7 @@ def test_accelerate_asking_for_two_cpu_processes_but_starting_one_is_reported(ba
 def _stalled_rank(rank: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    from liftft import distributed
+    from liftft.utils import distributed
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2")
     # The 2 s limit also bounds joining the group: on a busy machine one spawned rank may take longer than that to

@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import shared_path
-from liftft import apply_delta, load_delta
+from liftft import apply_delta
+from liftft import load_delta
 from liftft.analysis import filter_rank
 from liftft.analysis.filter_rank import FilterRankSettings, check_filter_ranks
 from liftft.cli import main
@@ -73,15 +74,15 @@ def test_json_agrees_with_each_runs_outputs(base_dir, data_file, tmp_path, finge
 
 def test_the_base_is_scored_in_the_dtype_the_runs_train_in(base_dir, data_file, tmp_path, fingerprinting,
                                                             monkeypatch):
-    import liftft.train
+    import liftft.training.train
 
-    real = liftft.train.run_training
+    real = liftft.training.train.run_training
 
     def bf16_run(args):  # as liftft train runs on a GPU with bf16: the trained model's weights in bf16
         model, metrics = real(args)
         return model.to(torch.bfloat16), metrics
 
-    monkeypatch.setattr(liftft.train, "run_training", bf16_run)
+    monkeypatch.setattr(liftft.training.train, "run_training", bf16_run)
     test = shared_path("test", "AddSub", "test.json")
     out = tmp_path / "sweep"
     assert main(["analyze", "filter-rank", "--model", str(base_dir), "--data", str(data_file), "--test", str(test),

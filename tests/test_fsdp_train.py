@@ -20,10 +20,11 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from conftest import math_records, tiny_llama
-from liftft import apply_delta, load_delta
+from liftft import apply_delta
+from liftft import load_delta
 from liftft.cli import main
-from liftft.checkpoint import latest_checkpoint, load_checkpoint
-from liftft.train import TrainArgs, run_training
+from liftft.training.checkpoint import latest_checkpoint, load_checkpoint
+from liftft.training.train import TrainArgs, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

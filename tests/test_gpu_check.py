@@ -166,7 +166,7 @@ def load_compare_module():
 def test_compare_deltas_reads_entries_and_the_relative_difference(tmp_path):
     import torch
 
-    from liftft.delta import Delta, write_delta
+    from liftft.deltas.delta import Delta, write_delta
 
     def delta(idx, values):
         weights = {"w": {"shape": [2, 4], "dtype": "float32", "base_sha256": "0" * 32}}

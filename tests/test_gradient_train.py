@@ -9,16 +9,17 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import run_interrupted
-from liftft import LiftConfig, load_delta
-from liftft.calibration import first_micro_batches
-from liftft.checkpoint import latest_checkpoint
+from liftft import LiftConfig
+from liftft import load_delta
+from liftft.training.calibration import first_micro_batches
+from liftft.training.checkpoint import latest_checkpoint
 from liftft.cli import main
-from liftft.data import DataCollator, encode_dataset, load_records
-from liftft.hf import load_tokenizer
-from liftft.loop import TrainingLoop
-from liftft.methods import setup_method
-from liftft.selection import budget
-from liftft.train import TrainArgs, run_training
+from liftft.data.batches import DataCollator, encode_dataset, load_records
+from liftft.utils.hf import load_tokenizer
+from liftft.training.loop import TrainingLoop
+from liftft.engine.methods import setup_method
+from liftft.engine.selection import budget
+from liftft.training.train import TrainArgs, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -86,7 +87,7 @@ def test_cli_selects_the_brute_force_top_k_of_the_first_micro_batches(base_dir, 
 
 @pytest.mark.parametrize("world, rank", [(1, 0), (2, 1)])
 def test_calibration_order_is_the_training_loops(world, rank, base_dir, data_file, tmp_path, monkeypatch):
-    from liftft import distributed
+    from liftft.utils import distributed
 
     def as_rank():
         monkeypatch.setattr(distributed, "world_size", lambda: world)
@@ -110,7 +111,7 @@ def test_resume_equals_uninterrupted_without_calibrating_again(base_dir, data_fi
     def no_calibration(*args, **kwargs):
         raise AssertionError("a resumed gradient run computed calibration gradients")
 
-    monkeypatch.setattr("liftft.calibration.gradient_scores", no_calibration)
+    monkeypatch.setattr("liftft.engine.calibration.gradient_scores", no_calibration)
     assert main(_flags(base_dir, data_file, interrupted, *common, "--resume")) == 0
     a, b = load_delta(straight).entries, load_delta(interrupted).entries
     assert a.keys() == b.keys()
@@ -156,8 +157,8 @@ def test_a_rank_whose_share_of_the_calibration_batches_is_empty_adds_zero_scores
                                                                                  monkeypatch):
     """With too few records for every rank, a rank without examples takes part in the averaging with zeros instead
     of stopping alone (which would leave the others waiting in the collective until --dist-timeout)."""
-    from liftft import distributed
-    from liftft.calibration import run_gradient_scores
+    from liftft.utils import distributed
+    from liftft.training.calibration import run_gradient_scores
 
     averaged = []
     monkeypatch.setattr(distributed, "world_size", lambda: 2)

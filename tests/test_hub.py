@@ -1,5 +1,5 @@
-"""Loading and sharing deltas (liftft.hub), their model cards (liftft.card), removing them (liftft.unmerge) and the
-trained-parameter count (liftft.trainable). Nothing here reaches a hub: hub ids resolve from a local cache laid out
+"""Loading and sharing deltas (liftft.deltas.hub), their model cards (liftft.deltas.card), removing them (liftft.deltas.unmerge) and the
+trained-parameter count (liftft.engine.trainable). Nothing here reaches a hub: hub ids resolve from a local cache laid out
 as huggingface_hub lays it out, offline, and uploads are recorded by stand-ins for HfApi's methods."""
 
 import json
@@ -12,11 +12,16 @@ from huggingface_hub import HfApi, ModelCard, constants
 
 import liftft
 from conftest import Square, tiny_llama, train_and_save
-from liftft import LiftAdamW, LiftConfig, apply_delta, budget, load_delta, remove_delta
-from liftft.card import model_card
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft import apply_delta
+from liftft import budget
+from liftft import load_delta
+from liftft import remove_delta
+from liftft.deltas.card import model_card
 from liftft.cli import main
-from liftft.delta import Delta, exact_difference, fingerprint
-from liftft.targets import find_targets
+from liftft.deltas.delta import Delta, exact_difference, fingerprint
+from liftft.engine.targets import find_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

@@ -7,8 +7,11 @@ import torch
 from transformers import Trainer, TrainingArguments
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, LiftTrainerCallback, lift_optimizers
-from liftft.data import DataCollator
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft import LiftTrainerCallback
+from liftft import lift_optimizers
+from liftft.data.batches import DataCollator
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -243,9 +246,9 @@ def test_logged_grad_norm_is_the_optimizers(tmp_path, max_grad_norm):
 def test_trainer_logs_the_trained_count(tmp_path):
     import logging
 
-    from liftft.integrations import trainer_logger
-    from liftft.selection import budget
-    from liftft.targets import find_targets
+    from liftft.training.integrations import trainer_logger
+    from liftft.engine.selection import budget
+    from liftft.engine.targets import find_targets
 
     records = []
     handler = logging.Handler()
@@ -272,7 +275,8 @@ def test_trainer_logs_the_trained_count(tmp_path):
 def test_checkpoints_and_output_get_the_delta(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from liftft import apply_delta, load_delta
+    from liftft import apply_delta
+    from liftft import load_delta
 
     model = tiny_llama()
     args = trainer_args(tmp_path, save_strategy="steps", save_steps=2, logging_steps=1)
@@ -302,7 +306,8 @@ def test_grpo_example_trains_selected_entries_refreshes_and_saves(tmp_path):
     from pathlib import Path
 
     from conftest import train_tokenizer
-    from liftft import apply_delta, load_delta
+    from liftft import apply_delta
+    from liftft import load_delta
 
     spec = importlib.util.spec_from_file_location("grpo_lift", Path(__file__).parents[1] / "examples" / "grpo_lift.py")
     example = importlib.util.module_from_spec(spec)

@@ -1,4 +1,4 @@
-"""The Triton kernels (fused sparse AdamW step, gather) against the pure-torch paths of liftft.optim.
+"""The Triton kernels (fused sparse AdamW step, gather) against the pure-torch paths of liftft.engine.optim.
 
 The kernel runs on CUDA, or without a GPU in Triton's interpreter on CPU tensors
 (conftest sets TRITON_INTERPRET=1 there); without Triton these tests skip cleanly.
@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, kernels
-from liftft.layout import compress
-from liftft.functional import adamw_update
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.engine import kernels
+from liftft.engine.layout import compress
+from liftft.engine.functional import adamw_update
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_kernel = pytest.mark.skipif(not kernels.kernels_run_on(DEVICE), reason="needs Triton (on CUDA, or interpreted)")
@@ -116,7 +118,7 @@ def test_kernel_matches_the_torch_path(dtype, with_master, clip, weight_decay, b
 @needs_kernel
 def test_lift_adamw_dispatches_to_the_kernel_and_matches_the_torch_path(monkeypatch):
     """On CUDA LiftAdamW picks the kernel itself; on the CPU the test forces the interpreted kernel in."""
-    from liftft import functional
+    from liftft.engine import functional
 
     calls = []
     for name in ("sparse_adamw_step", "gather_selected"):
@@ -196,7 +198,7 @@ def raising(*args, **kw):
 def test_a_wrong_kernel_is_caught_at_its_first_step_and_the_torch_path_takes_over(planted, mismatch, monkeypatch):
     import warnings
 
-    from liftft import functional
+    from liftft.engine import functional
 
     monkeypatch.setattr(functional, "KERNEL_VERDICTS", {})
     if DEVICE == "cpu":  # on the CPU only a test lets the interpreted kernels in
@@ -218,7 +220,7 @@ def test_a_wrong_kernel_is_caught_at_its_first_step_and_the_torch_path_takes_ove
 
 @needs_kernel
 def test_the_real_kernels_pass_their_check():
-    from liftft import functional
+    from liftft.engine import functional
 
     for dtype in (torch.float32, torch.float16) if DEVICE == "cpu" else (torch.float32, torch.bfloat16, torch.float16):
         assert functional.kernel_mismatch(DEVICE, dtype) is None, dtype

@@ -1,9 +1,9 @@
-"""The compressed layout of selected entries (liftft.layout) against a brute-force reference."""
+"""The compressed layout of selected entries (liftft.engine.layout) against a brute-force reference."""
 
 import pytest
 import torch
 
-from liftft.layout import compress, expand
+from liftft.engine.layout import compress, expand
 
 
 def sorted_sample(m, n, k, seed=0):
@@ -45,7 +45,7 @@ SETS = [([], []), ([], [1, 4]), ([2, 5], []), ([1, 3, 5], [0, 3, 4, 5, 9]), ([7]
 
 @pytest.mark.parametrize("old,new", SETS)
 def test_sorted_set_operations_against_python_sets_including_empty_sides(old, new):
-    from liftft.layout import carry_over, difference, find_sorted, merge_sorted
+    from liftft.engine.layout import carry_over, difference, find_sorted, merge_sorted
 
     a, b = torch.tensor(old, dtype=torch.int64), torch.tensor(new, dtype=torch.int64)
     position, found = find_sorted(a, b)

@@ -23,7 +23,7 @@ ALPACA = (
     "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{}\n\n### Response:\n"
 )
-README = Path(__file__).resolve().parents[1] / "README.md"
+INTEGRATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "integrations.md"
 AQUA_CHOICES = " Answer Choices: (A) 1 (B) 2 (C) 3 (D) 4 (E) 5"
 # Hand-written records and the generation a scripted model gives for each, with what each extractor must read.
 SCRIPT = {
@@ -134,12 +134,12 @@ def test_lm_eval_scores_scripted_answers(scripted_data, tmp_path):
 
 
 def lm_eval_command() -> str:
-    """The README's lm_eval line that runs liftft's pack."""
-    return next(line for line in README.read_text().splitlines() if "$(liftft lm-eval-tasks" in line)
+    """docs/integrations.md's lm_eval line that runs liftft's pack."""
+    return next(line for line in INTEGRATIONS_DOC.read_text().splitlines() if "$(liftft lm-eval-tasks" in line)
 
 
 def test_readme_command_matches_liftft_eval(tokenizer, tmp_path):
-    """The README's command on a tiny merged model gives, example by example, what `liftft eval` gives."""
+    """docs/integrations.md's command on a tiny merged model gives, example by example, what `liftft eval` gives."""
     pytest.importorskip("lm_eval")
     train_and_save(tmp_path, tokenizer)
     merged, data = tmp_path / "merged", shared_path("test")

@@ -1,4 +1,4 @@
-"""The chunked causal-LM loss against the plain computation from the full logits (liftft.loss)."""
+"""The chunked causal-LM loss against the plain computation from the full logits (liftft.engine.loss)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import torch.nn.functional as F
 import transformers
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig
-from liftft.data import IGNORE_INDEX
-from liftft.loss import (
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.data.batches import IGNORE_INDEX
+from liftft.engine.loss import (
     PLAIN_HEAD_MODELS,
     causal_lm_loss_sum,
     check_loss_mode,

@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import sample_ids, tiny_llama, train_and_save
 from liftft.cli import main
-from liftft.merge import MERGE_FILE, merge_delta
+from liftft.deltas.merge import MERGE_FILE, merge_delta
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

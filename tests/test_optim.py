@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from conftest import Square, tiny_llama
-from liftft import LiftAdamW, LiftConfig
+from liftft import LiftAdamW
+from liftft import LiftConfig
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -156,8 +157,8 @@ def test_refresh_happens_every_interval_of_optimizer_steps():
 
 @pytest.mark.parametrize("svd", ["exact", "randomized"])
 def test_selection_batches_same_shaped_targets_and_equals_selecting_one_by_one(svd, monkeypatch):
-    from liftft import selection
-    from liftft.selection import selection_seed
+    from liftft.engine import selection
+    from liftft.engine.selection import selection_seed
 
     stacks = []
     low_rank = selection.low_rank_approximation

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig
-from liftft.targets import find_targets
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.engine.targets import find_targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

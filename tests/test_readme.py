@@ -1,11 +1,10 @@
-"""Every command and code block the README shows runs as written, on a tiny model.
+"""Every command and code block the README and the docs/ pages show runs as written, on a tiny model.
 
-The README's placeholders (M, FILE, DIR, OUT, hub ids) are filled with tiny local stand-ins, and sizes are
-shrunk with flags appended after the README's own. Commands that take minutes or several processes run in the
-test named for them instead; `test_every_readme_command_is_run_here_or_named` keeps this list complete.
+The placeholders (M, FILE, DIR, OUT, hub ids) are filled with tiny local stand-ins, and sizes are shrunk with flags
+appended after the page's own. Commands that take minutes or several processes run in the test named for them
+instead; `test_every_readme_command_is_run_here_or_named` keeps this list complete over README.md and docs/*.md.
 """
 
-import json
 import json
 import re
 import shlex
@@ -19,7 +18,10 @@ from liftft.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+PAGES = [README, *sorted(DOCS.glob("*.md"))]
 HUB_ID = "meta-llama/Llama-3.2-1B"
 TRAIN_SIZE = ["--rank", "2", "--filter-rank", "4", "--max-steps", "2", "--batch-size", "2", "--grad-accum", "1",
               "--max-seq-len", "128", "--save-steps", "1", "--no-progress"]
@@ -49,6 +51,13 @@ ELSEWHERE = {
         "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
     "tensorboard --logdir DIR/tensorboard":
         "not run: it serves a web page; test_config_file_and_watching reads the event files it would show",
+    # Commands that docs/ pages name in their prose, each run by the test named for it.
+    "liftft analyze filter-rank --model demo":
+        "tests/test_filter_rank.py::test_demo_model_takes_the_demos_base_tasks_and_settings runs it on a tiny demo",
+    "liftft train --fsdp": "tests/test_fsdp_train.py::test_one_process_fsdp_equals_the_unsharded_run",
+    "liftft train --data": "the flag docs/reproduce.md names; liftft train --model M --data FILE ... runs here",
+    "liftft train --method gradient [--calibration-batches N]":
+        "tests/test_gradient_train.py::test_cli_selects_the_brute_force_top_k_of_the_first_micro_batches",
 }
 RUN_HERE = [
     "liftft train --step-in-backward --grad-accum 1 --max-grad-norm 0",
@@ -68,14 +77,34 @@ RUN_HERE = [
 
 
 def readme_commands() -> set[str]:
-    """Every shell line in the README's bash blocks, and every `liftft ...` it shows in its command table or with
-    flags in its text."""
-    text = README.read_text()
-    commands = {line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
-                for line in block.splitlines() if line.strip()}
-    commands |= set(re.findall(r"^\| `(liftft [^`]*)`", text, re.M))
-    commands |= {span for span in re.findall(r"`(liftft [a-z-]+ [^`]*)`", text) if "--" in span}
+    """Every shell line in the bash blocks of the README and the docs/ pages, and every `liftft ...` they show in a
+    command table or with flags in their text."""
+    commands = set()
+    for page in PAGES:
+        text = page.read_text()
+        commands |= {line.strip() for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+                     for line in block.splitlines() if line.strip()}
+        commands |= set(re.findall(r"^\| `(liftft [^`]*)`", text, re.M))
+        commands |= {span for span in re.findall(r"`(liftft [a-z-]+ [^`]*)`", text) if "--" in span}
     return {command.replace("\\|", "|") for command in commands if command != "liftft COMMAND --help"}
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the headings of ``page``."""
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.*)$", page.read_text(), re.M)}
+
+
+def test_every_relative_link_of_the_readme_and_docs_leads_to_a_file_and_heading():
+    """The README's links into docs/, and the pages' links to each other and to the code, resolve."""
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
+            if "://" in target:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = page.parent / path if path else page
+            assert linked.exists(), f"{page.name} links to {target}"
+            assert not anchor or anchor in anchors(linked), f"{page.name} links to {target}"
 
 
 def test_every_readme_command_is_run_here_or_named():
@@ -155,11 +184,11 @@ def test_reproduce(base_dir, data_file, tmp_path):
 
 
 def test_config_file_and_watching(base_dir, data_file, tmp_path, monkeypatch):
-    """The README's run.yaml and the command that reads it; TensorBoard's event files read back."""
+    """docs/running.md's run.yaml and the command that reads it; TensorBoard's event files read back."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    section = README.read_text().split("### Running and watching a run")[1].split("\n### ")[0]
+    section = (DOCS / "running.md").read_text()
     filled = {"M": base_dir, "FILE": data_file, "DIR": tmp_path / "run"}
     config = re.sub(r"\b(M|FILE|DIR)\b", lambda m: str(filled[m.group(1)]),
                     re.search(r"```yaml\n(.*?)```", section, re.S).group(1))
@@ -185,15 +214,16 @@ def test_the_python_api_block(base_dir, data_file, tmp_path, monkeypatch):
 
 
 def test_the_trainer_and_hub_blocks(base_dir, tmp_path, monkeypatch, capsys):
-    """The section on the Trainer and the hub, on the tiny model: two steps, and uploads recorded instead of made."""
+    """docs/integrations.md's Trainer and hub blocks, on the tiny model: two steps, and uploads recorded instead of
+    made."""
     from huggingface_hub import HfApi
     from transformers import AutoModelForCausalLM
 
-    from liftft.data import DataCollator
-    from liftft.selection import budget
-    from liftft.targets import find_targets
+    from liftft.data.batches import DataCollator
+    from liftft.engine.selection import budget
+    from liftft.engine.targets import find_targets
 
-    section = README.read_text().split("## Using liftft with PEFT / Trainer / TRL / lm-eval")[1].split("\n## ")[0]
+    section = (DOCS / "integrations.md").read_text()
     trainer_block, hub_block = re.findall(r"```python\n(.*?)```", section, re.S)
     trainer_block = trainer_block.replace('TrainingArguments("runs/trainer", ', 'TrainingArguments("runs/trainer", '
                                           'max_steps=2, per_device_train_batch_size=2, report_to=[], use_cpu=True, ')
@@ -203,7 +233,7 @@ def test_the_trainer_and_hub_blocks(base_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ids = torch.randint(3, 512, (4, 10), generator=torch.Generator().manual_seed(0)).tolist()
     scope = {"dataset": [{"input_ids": row, "labels": row} for row in ids], "collator": DataCollator(0)}
-    exec(trainer_block.replace(HUB_ID, str(base_dir)), scope)  # noqa: S102 - the README's own example
+    exec(trainer_block.replace(HUB_ID, str(base_dir)), scope)  # noqa: S102 - the page's own example
     trained = sum(budget(tuple(p.shape), rank=128) for p in find_targets(scope["model"], "all-linear").values())
     assert f"trainable params: {trained:,d} || all params:" in capsys.readouterr().out
     exec(hub_block, scope)  # noqa: S102

@@ -6,11 +6,12 @@ import re
 import pytest
 
 import liftft.commands.eval as eval_command
-import liftft.reproduce.run as reproduce_run
+import liftft.commands.reproduce as reproduce_run
 from conftest import shared_path
 from liftft.cli import main
 from liftft.eval import SUITES
-from liftft.reproduce import ReproduceArgs, choose_row
+from liftft.commands.reproduce import ReproduceArgs
+from liftft.reproduce import choose_row
 from liftft.reproduce.report import build_results, markdown
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")

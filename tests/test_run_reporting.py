@@ -11,11 +11,11 @@ import torch
 from conftest import math_records, run_interrupted
 from liftft import LiftConfig
 from liftft.cli import build_parser, main
-from liftft.data import IGNORE_INDEX, DataCollator, encode_dataset
-from liftft.hf import load_tokenizer
-from liftft.loss import causal_lm_loss_sum
-from liftft.reporting import scalars
-from liftft.train import TrainArgs, run_training
+from liftft.data.batches import IGNORE_INDEX, DataCollator, encode_dataset
+from liftft.utils.hf import load_tokenizer
+from liftft.engine.loss import causal_lm_loss_sum
+from liftft.training.reporting import scalars
+from liftft.training.train import TrainArgs, run_training
 from transformers import AutoModelForCausalLM
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
@@ -216,7 +216,7 @@ def test_wandb_offline_run_holds_the_logged_values_and_settings(base_dir, data_f
 
 def test_a_run_that_stops_with_an_error_finishes_its_wandb_run_as_failed(monkeypatch, tmp_path):
     wandb = pytest.importorskip("wandb")
-    from liftft.reporting import WandbReporter
+    from liftft.training.reporting import WandbReporter
 
     finished = []
 

@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig
-from liftft.sampled import SampledLinearFunction, sample_weight_gradients, sampled_weight_grad
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.engine.sampled import SampledLinearFunction, sample_weight_gradients, sampled_weight_grad
 
 BATCH = torch.randint(3, 512, (4, 12), generator=torch.Generator().manual_seed(0))
 

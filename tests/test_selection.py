@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from liftft.layout import index_dtype
-from liftft.selection import budget, low_rank_approximation, select_indices, top_k_indices
+from liftft.engine.layout import index_dtype
+from liftft.engine.selection import budget, low_rank_approximation, select_indices, top_k_indices
 
 
 def _reference_top_k(scores: np.ndarray, k: int, largest: bool) -> np.ndarray:

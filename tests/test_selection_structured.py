@@ -8,9 +8,13 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, gradient_scores, load_delta, select_indices
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft import gradient_scores
+from liftft import load_delta
+from liftft import select_indices
 from liftft.cli import main
-from liftft.selection import budget, select_many, selection_seed
+from liftft.engine.selection import budget, select_many, selection_seed
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

@@ -10,9 +10,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from conftest import sample_ids, train_and_save
-from liftft import LiftAdamW, LiftConfig, apply_delta, load_delta, save_delta
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft import apply_delta
+from liftft import load_delta
+from liftft import save_delta
 from liftft.cli import main
-from liftft.shira import SHIRA_FILE, export_shira
+from liftft.deltas.shira import SHIRA_FILE, export_shira
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from conftest import tiny_llama
-from liftft import LiftAdamW, LiftConfig, distributed
+from liftft import LiftAdamW
+from liftft import LiftConfig
+from liftft.utils import distributed
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -98,7 +100,7 @@ def test_step_refuses_a_clip_set_after_construction():
 
 
 def test_step_takes_a_zero_clip_set_after_construction_as_no_clipping():
-    """0 means no clipping everywhere (liftft.config.clip_norm), also when set on the attribute, as the Trainer does."""
+    """0 means no clipping everywhere (liftft.engine.config.clip_norm), also when set on the attribute, as the Trainer does."""
     model = tiny_llama()
     opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4), lr=1e-2, step_in_backward=True)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

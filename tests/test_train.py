@@ -8,13 +8,15 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from conftest import math_records, run_interrupted
-from liftft import LiftConfig, apply_delta, load_delta
-from liftft.checkpoint import LATEST, latest_checkpoint, load_checkpoint
+from liftft import LiftConfig
+from liftft import apply_delta
+from liftft import load_delta
+from liftft.training.checkpoint import LATEST, latest_checkpoint, load_checkpoint
 from liftft.cli import build_parser, main
 from liftft.commands.train import train_args_from
-from liftft.data import DataCollator, encode_dataset
-from liftft.loop import TrainingDiverged, TrainingLoop
-from liftft.train import TrainArgs, run_training
+from liftft.data.batches import DataCollator, encode_dataset
+from liftft.training.loop import TrainingDiverged, TrainingLoop
+from liftft.training.train import TrainArgs, run_training
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 
@@ -31,7 +33,7 @@ def args_for(base_dir, data_file, out, method="lift", **kw):
 
 
 def mean_loss(model, base_dir, data_file):
-    from liftft.hf import load_tokenizer
+    from liftft.utils.hf import load_tokenizer
 
     tok = load_tokenizer(str(base_dir))
     examples, _ = encode_dataset(math_records(12), tok, max_seq_len=192)
@@ -99,7 +101,7 @@ def test_resume_equals_uninterrupted(base_dir, data_file, tmp_path, monkeypatch)
 
 def test_kill_during_checkpoint_leaves_previous_loadable(base_dir, data_file, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    import liftft.checkpoint as ckpt
+    import liftft.training.checkpoint as ckpt
 
     real_save = torch.save
     calls = {"n": 0}
@@ -259,8 +261,8 @@ def test_bf16_with_gradient_checkpointing_applies_exactly(base_dir, data_file, t
 
 @pytest.mark.parametrize("method", ["dora", "pissa"])
 def test_other_peft_methods_start_from_the_base_function(method, base_dir, data_file, tmp_path):
-    from liftft.hf import load_model
-    from liftft.methods import setup_method
+    from liftft.utils.hf import load_model
+    from liftft.engine.methods import setup_method
 
     base = load_model(str(base_dir))
     reference = logits(base)

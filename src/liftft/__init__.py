@@ -1,12 +1,12 @@
 """liftft: Low-rank Informed Sparse Fine-Tuning (LIFT) for Hugging Face causal LMs."""
 
-from liftft.calibration import gradient_scores
-from liftft.config import LiftConfig
-from liftft.delta import apply_delta, load_delta, save_delta
-from liftft.optim import LiftAdamW
-from liftft.selection import budget, select_indices
-from liftft.trainable import print_trainable_parameters, trainable_parameters
-from liftft.unmerge import remove_delta
+from liftft.engine.calibration import gradient_scores
+from liftft.engine.config import LiftConfig
+from liftft.deltas.delta import apply_delta, load_delta, save_delta
+from liftft.engine.optim import LiftAdamW
+from liftft.engine.selection import budget, select_indices
+from liftft.engine.trainable import print_trainable_parameters, trainable_parameters
+from liftft.deltas.unmerge import remove_delta
 
 __all__ = [
     "LiftAdamW",
@@ -29,8 +29,8 @@ __version__ = "0.1.0"
 
 
 # Imported on first use, so that `import liftft` does not import transformers or huggingface_hub.
-_LAZY = {"LiftTrainerCallback": "liftft.integrations", "lift_optimizers": "liftft.integrations",
-         "from_pretrained": "liftft.hub", "push_to_hub": "liftft.hub"}
+_LAZY = {"LiftTrainerCallback": "liftft.training.integrations", "lift_optimizers": "liftft.training.integrations",
+         "from_pretrained": "liftft.deltas.hub", "push_to_hub": "liftft.deltas.hub"}
 
 
 def __getattr__(name):

@@ -11,7 +11,7 @@ import warnings
 from importlib.metadata import version
 
 from liftft.commands import add_progress_flag
-from liftft.errors import RunStopped
+from liftft.utils.errors import RunStopped
 
 # Each module defines register(subparsers); its parser sets `func`.
 COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "lm_eval_tasks", "analyze", "bench", "estimate", "demo",

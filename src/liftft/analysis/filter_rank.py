@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from liftft.atomic import atomic_write, write_json_atomic
-from liftft.config import LiftConfig
+from liftft.utils.atomic import atomic_write, write_json_atomic
+from liftft.engine.config import LiftConfig
 
 DEMO_MODEL = "demo"
 RESULT_FILE = "filter_rank.json"
@@ -81,8 +81,8 @@ def check_filter_ranks(ranks: list[int] | None, model: str, target_modules="all-
     of them); ranks below 1 are refused. None gives the powers of two up to
     that largest min(m, n), and the largest itself.
     """
-    from liftft.preflight import meta_model
-    from liftft.targets import find_targets
+    from liftft.engine.preflight import meta_model
+    from liftft.engine.targets import find_targets
 
     full = max(min(p.shape) for p in find_targets(meta_model(model), target_modules).values())
     if ranks is None:
@@ -136,7 +136,7 @@ def filter_rank_sweep(settings: FilterRankSettings) -> dict:
     the dtype the runs train in (bf16 on a GPU that has it, as `liftft
     train` chooses).
     """
-    from liftft.outputs import check_writable_dir
+    from liftft.utils.outputs import check_writable_dir
 
     if settings.quick and settings.model != DEMO_MODEL:
         raise ValueError(f"--quick chooses the quick demo's base, for --model {DEMO_MODEL} only")
@@ -172,7 +172,7 @@ def _run_dir(settings: FilterRankSettings, filter_rank: int) -> Path:
 
 
 def _train(settings: FilterRankSettings, filter_rank: int):
-    from liftft.train import TrainArgs, run_training
+    from liftft.training.train import TrainArgs, run_training
 
     lift = LiftConfig(rank=settings.rank, density=settings.density, filter_rank=filter_rank, update_interval=None,
                       svd=settings.svd, target_modules=settings.target_modules)
@@ -203,7 +203,7 @@ class _Scorer:
 
     def __call__(self, model) -> dict:
         from liftft.eval import evaluate_task
-        from liftft.hf import load_tokenizer
+        from liftft.utils.hf import load_tokenizer
 
         tokenizer = load_tokenizer(self.settings.model)
         model.eval()
@@ -212,8 +212,8 @@ class _Scorer:
 
     def base(self, dtype) -> dict:
         """The base model's accuracies, loaded in ``dtype`` (the runs', so that only the fine-tuning differs)."""
-        from liftft.hf import load_model
-        from liftft.train import resolve_device
+        from liftft.utils.hf import load_model
+        from liftft.training.train import resolve_device
 
         return self(load_model(self.settings.model, dtype, device=resolve_device(self.settings.device)))
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import warnings
 from statistics import fmean
 
-from liftft.config import LiftConfig
-from liftft.selection import selection_seed
-from liftft.selection import budget, select_indices
+from liftft.engine.config import LiftConfig
+from liftft.engine.selection import selection_seed
+from liftft.engine.selection import budget, select_indices
 
 
 def target_budgets(targets: dict, rank: int | None = None, density: float | None = None) -> dict[str, int]:

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import select_as_training, target_budgets
-from liftft.config import LiftConfig, SELECTORS
-from liftft.targets import find_targets
+from liftft.engine.config import LiftConfig, SELECTORS
+from liftft.engine.targets import find_targets
 
 MODES = ("relative", "absolute", "zero")
 DEFAULT_SELECTORS = ("principal", "magnitude", "random")
@@ -174,7 +174,7 @@ def pack_records(records: list[dict], tokenizer, *, seq_len: int = 256, template
     The tail that does not fill a row is dropped, unless the data is shorter
     than one row, in which case it forms the only row.
     """
-    from liftft.data import encode_dataset
+    from liftft.data.batches import encode_dataset
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")

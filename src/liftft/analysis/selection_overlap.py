@@ -9,10 +9,10 @@ import torch
 from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import group_means, layer_depth, layer_type, target_budgets
-from liftft.config import LiftConfig
-from liftft.selection import selection_seed
-from liftft.selection import select_indices
-from liftft.targets import find_targets
+from liftft.engine.config import LiftConfig
+from liftft.engine.selection import selection_seed
+from liftft.engine.selection import select_indices
+from liftft.engine.targets import find_targets
 
 
 def overlap(

@@ -7,7 +7,7 @@ import torch
 from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import group_means, layer_depth, layer_type
-from liftft.targets import find_targets
+from liftft.engine.targets import find_targets
 
 METRICS = ("delta_norm", "relative_delta_norm", "effective_rank", "stable_rank", "left_alignment", "right_alignment")
 

@@ -9,9 +9,9 @@ import os
 from pathlib import Path
 
 from liftft.commands import add_progress_flag, comma_list, target_modules_arg
-from liftft.config import SELECTORS, SVD_METHODS, TARGET_PRESETS, LiftConfig
+from liftft.engine.config import SELECTORS, SVD_METHODS, TARGET_PRESETS, LiftConfig
 from liftft.eval.tasks import KINDS
-from liftft.template import TEMPLATES
+from liftft.data.template import TEMPLATES
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEFAULT_OVERLAP_FILTER_RANKS = "64,32,128"
@@ -77,8 +77,8 @@ def run_perturb(args) -> int:
     """`liftft analyze perturb`."""
     from liftft.analysis.perturbation import DEFAULT_NOISE, check_perturb_options, pack_records, perplexity, perturb
     from liftft.analysis.plots import plot_perturbation
-    from liftft.data import load_records
-    from liftft.hf import load_tokenizer
+    from liftft.data.batches import load_records
+    from liftft.utils.hf import load_tokenizer
 
     if args.mode == "zero" and args.noise is not None:
         raise ValueError("--noise does not apply to --mode zero, which sets the entries to 0")
@@ -138,7 +138,7 @@ def run_spectrum(args) -> int:
     """`liftft analyze spectrum`."""
     from liftft.analysis.plots import plot_alignment, plot_update_rank
     from liftft.analysis.spectral import spectrum
-    from liftft.hf import check_model_path
+    from liftft.utils.hf import check_model_path
 
     labels = _run_labels(args.tuned, args.labels)
     for path in [args.base, *args.tuned]:
@@ -294,12 +294,12 @@ def _load_model(path: str, dtype: str, device, adapter: str | None = None):
     """The model at ``path``, with a liftft delta or PEFT adapter merged in when ``adapter`` is given."""
     import torch
 
-    from liftft.hf import load_model
+    from liftft.utils.hf import load_model
 
     model = load_model(path, getattr(torch, dtype), device)
     kind = None if adapter is None else _adapter_kind(adapter)
     if kind == "delta":
-        from liftft.delta import apply_delta
+        from liftft.deltas.delta import apply_delta
 
         apply_delta(model, adapter)
     elif kind == "peft":

@@ -6,7 +6,7 @@ import json
 import os
 
 from liftft.commands import comma_list
-from liftft.shapes import MODEL_CONFIGS
+from liftft.planning.shapes import MODEL_CONFIGS
 
 PRESETS = ", ".join(MODEL_CONFIGS)
 
@@ -53,7 +53,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Run the benchmark, print its table and write --output; returns the exit code."""
-    from liftft.bench import BenchSettings, format_table, run_bench
+    from liftft.planning.bench import BenchSettings, format_table, run_bench
 
     if args.output is not None:
         parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.output)))

@@ -6,8 +6,8 @@ import json
 import os
 
 from liftft.commands import DefaultsShown
-from liftft.methods import METHODS
-from liftft.shapes import MODEL_CONFIGS
+from liftft.engine.methods import METHODS
+from liftft.planning.shapes import MODEL_CONFIGS
 
 PARTS = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
          "activations": "activations", "logits": "logits", "buffers": "buffers"}
@@ -56,9 +56,9 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Estimate, print the table (or the JSON, with --json -) and write --json; returns the exit code."""
-    from liftft.estimate import estimate
-    from liftft.hf import load_config
-    from liftft.shapes import model_config
+    from liftft.planning.estimate import estimate
+    from liftft.utils.hf import load_config
+    from liftft.planning.shapes import model_config
 
     if args.json not in (None, "-"):
         parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.json)))
@@ -74,7 +74,7 @@ def run(args) -> int:
         return 0
     print(format_estimate(figures))
     if args.json is not None:
-        from liftft.atomic import write_json_atomic
+        from liftft.utils.atomic import write_json_atomic
 
         write_json_atomic(os.path.expanduser(args.json), figures)
         print(f"wrote {args.json}")
@@ -83,7 +83,7 @@ def run(args) -> int:
 
 def format_estimate(figures: dict) -> str:
     """An estimate's JSON figures as the plain-text table `liftft estimate` prints."""
-    from liftft.estimate import GIB, GPU_BYTES
+    from liftft.planning.estimate import GIB, GPU_BYTES
 
     s = figures["settings"]
     budget = "" if s["rank"] is None and s["density"] is None else (
@@ -130,17 +130,17 @@ def _megabytes(size: int) -> str:
     return f"{size / 1e6:,.1f} MB" if size >= 10**5 else f"{size:,} bytes"
 
 
-# The README's planning table: (row label, method, FSDP2).
+# The planning table of docs/estimate.md: (row label, method, FSDP2).
 PLAN_ROWS = (("Full FT, DDP", "full", False), ("Full FT, FSDP2", "full", True), ("LoRA r128", "lora", False),
              ("LoRA r128, FSDP2", "lora", True), ("LIFT r128", "lift", False), ("LIFT r128, FSDP2", "lift", True))
 
 
 def planning_table(models=("llama-8b", "llama-70b"), gpus=(1, 8, 64), batch_size: int = 1, seq_len: int = 2048) -> str:
-    """The README's markdown table: per-GPU GiB of each of PLAN_ROWS for each preset and GPU count, with gradient
+    """The markdown table of docs/estimate.md: per-GPU GiB of each of PLAN_ROWS for each preset and GPU count, with gradient
     checkpointing, bf16 and the loss liftft train computes (full logits under FSDP2, chunked otherwise); ✓ where
     it fits an 80 GB GPU, – for FSDP2 on one GPU."""
-    from liftft.estimate import GIB, estimate
-    from liftft.shapes import model_config
+    from liftft.planning.estimate import GIB, estimate
+    from liftft.planning.shapes import model_config
 
     configs = {name: model_config(name) for name in models}
     header = ["per-GPU GiB"] + [f"{name} × {n}" for name in models for n in gpus]

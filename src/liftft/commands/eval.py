@@ -26,7 +26,7 @@ from liftft.eval import (
 from liftft.eval.results import check_output, results_with_settings
 from liftft.eval.scoring import encode_prompts, generates
 from liftft.eval.tasks import TEST_FILE, find_test_file
-from liftft.template import TEMPLATES
+from liftft.data.template import TEMPLATES
 
 
 def register(subparsers) -> None:
@@ -100,7 +100,7 @@ def run(args) -> int:
 
     Every input and output path is checked before the model's weights load.
     """
-    from liftft.hf import load_config, load_tokenizer
+    from liftft.utils.hf import load_config, load_tokenizer
 
     _check_flags(args)
     config = load_config(args.model)
@@ -253,8 +253,8 @@ def _load_model(args, dtype_name: str):
     """The model to evaluate, in eval mode, with its delta or adapter applied."""
     import torch
 
-    from liftft.delta import apply_delta, load_delta
-    from liftft.hf import load_model
+    from liftft.deltas.delta import apply_delta, load_delta
+    from liftft.utils.hf import load_model
 
     delta = None if args.delta is None else load_delta(args.delta)  # a damaged delta is named before the model loads
     model = load_model(args.model, getattr(torch, dtype_name), _device(args))

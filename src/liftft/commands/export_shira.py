@@ -23,7 +23,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Export and report where the adapter went."""
-    from liftft.shira import export_shira
+    from liftft.deltas.shira import export_shira
 
     output = export_shira(args.delta, args.output, base=args.model)
     print(f"wrote SHiRA adapter to {output}")

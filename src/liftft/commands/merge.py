@@ -32,7 +32,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """Merge and report where the model went."""
-    from liftft.merge import merge_delta
+    from liftft.deltas.merge import merge_delta
 
     output = merge_delta(args.model, args.delta, args.output, dtype=args.dtype)
     print(f"wrote merged model to {output}")

@@ -1,18 +1,241 @@
-"""`liftft reproduce`: one command per table of the paper, by the authors' protocol."""
+"""`liftft reproduce`, one command per table of the paper: train every method by the authors' protocol,
+evaluate it, and report beside the paper.
+
+Output layout: ``DIR/<method>/train`` (a `liftft train` output dir),
+``DIR/<method>/eval`` (a `liftft eval` output dir), and ``DIR/results.json``,
+``DIR/results.md``, ``DIR/results.png``. A method whose training is done (its
+run.json says so) is not trained again and an interrupted one resumes from its
+last checkpoint; `liftft eval` skips the tasks it has already done. A rerun
+with other settings is refused by name rather than mixed with the old results.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from liftft.commands import DefaultsShown, comma_list
-from liftft.eval import EXTRACTORS
+from liftft.commands import eval as eval_command
+from liftft.data.records import load_records
+from liftft.engine.methods import PEFT_METHODS, SPARSE_SELECTORS
+from liftft.eval import EXTRACTORS, read_results, resolve_tasks
+from liftft.eval.tasks import TEST_FILE, find_test_file
+from liftft.reproduce import report
+from liftft.reproduce.protocol import Row, check_methods, choose_row, load_protocol, method_settings, table_names
+from liftft.training import run_dir
+from liftft.training.train import ADAPTER_DIR, MERGED_DIR, RUN_FILE, TrainArgs, train
+
+DEFAULT_METHODS = ("lift", "full", "lora", "dora", "pissa", "s2ft")
+# Where `git clone https://github.com/AGI-Edgerunners/LLM-Adapters` puts the test sets.
+DEFAULT_TEST_DIR = "LLM-Adapters/dataset"
+GET_DATA = ("math_10k.json and commonsense_170k.json are in ft-training_set/ of "
+            "https://github.com/AGI-Edgerunners/LLM-Adapters (git clone it, or pass --data a path or dataset name)")
+
+
+@dataclass
+class ReproduceArgs:
+    """Every setting of one `liftft reproduce` run (the CLI flags, one to one).
+
+    ``data`` defaults to the table's training set inside an LLM-Adapters
+    clone in the working directory, ``tasks`` to the table's suite. The
+    ``None`` settings fall back on the protocol (protocol.json); given, they
+    override it for every method. ``batch_size`` alone keeps the effective
+    batch of 16 by dividing the accumulation, so it must divide 16 (give
+    ``grad_accum`` too to set the effective batch). ``limit`` cuts each test set.
+    """
+
+    table: str
+    model: str
+    output: str
+    data: list[str] | None = None
+    data_dir: str = DEFAULT_TEST_DIR
+    methods: list[str] = field(default_factory=lambda: list(DEFAULT_METHODS))
+    tasks: str | None = None
+    row: str | None = None
+    limit: int | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    max_seq_len: int | None = None
+    val_size: int | None = None
+    seed: int | None = None
+    gradient_checkpointing: bool | None = None
+    lr: float | None = None
+    rank: int | None = None
+    filter_rank: int | None = None
+    bf16: bool | None = None
+    device: str = "auto"
+    eval_batch_size: int = 16
+    max_new_tokens: int | None = None
+    num_beams: int | None = None
+    extractor: str | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self.row_used = choose_row(self.table, self.model, self.row)  # also refuses an unknown table or row
+        self.methods = check_methods(self.methods)
+        self.task_names = [task.name for task in resolve_tasks(self.tasks or self.table)]
+        if self.data is None:
+            self.data = [load_protocol()["tables"][self.table]["training_set"]]
+        elif isinstance(self.data, str):
+            self.data = [self.data]
+        sizes = ("limit", "max_steps", "batch_size", "grad_accum", "eval_batch_size", "max_new_tokens", "num_beams")
+        for name in sizes:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        effective = _effective_batch()
+        if self.batch_size is not None and self.grad_accum is None and effective % self.batch_size:
+            divisors = ", ".join(str(d) for d in range(1, effective + 1) if effective % d == 0)
+            raise ValueError(f"--batch-size {self.batch_size} does not divide the protocol's effective batch of "
+                             f"{effective}, which --batch-size alone keeps by dividing the accumulation: pass one of "
+                             f"{divisors}, or --grad-accum too to choose the effective batch")
+
+    def training(self) -> dict:
+        """The protocol's training settings with this run's overrides."""
+        settings = dict(load_protocol()["training"])
+        if self.batch_size is not None and self.grad_accum is None:
+            settings["grad_accum"] = _effective_batch() // self.batch_size
+        for name in ("batch_size", "grad_accum", "max_seq_len", "val_size", "seed", "gradient_checkpointing"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        if self.max_steps is not None:
+            settings.update(epochs=None, max_steps=self.max_steps)
+        return settings
+
+    def evaluation(self) -> dict:
+        """The protocol's evaluation settings with this run's overrides."""
+        settings = dict(load_protocol()["evaluation"])
+        for name in ("num_beams", "max_new_tokens", "extractor"):
+            if getattr(self, name) is not None:
+                settings[name] = getattr(self, name)
+        return {**settings, "limit": self.limit, "batch_size": self.eval_batch_size}
+
+    def method_settings(self, method: str) -> dict:
+        """The row's hyperparameters of ``method``, with --lr, --rank and --filter-rank over those it has."""
+        settings = method_settings(self.row_used, method)
+        for name in ("lr", "rank", "filter_rank"):
+            if getattr(self, name) is not None and name in settings:
+                settings[name] = getattr(self, name)
+        return settings
+
+    def train_args(self, method: str) -> TrainArgs:
+        """The `liftft train` run of ``method``, resuming whatever its output dir holds."""
+        return TrainArgs.from_flat(
+            model=self.model, data=list(self.data), output=str(Path(self.output) / method / "train"), method=method,
+            bf16=self.bf16, device=self.device, progress=self.progress, resume=True,
+            **self.training(), **self.method_settings(method),
+        )
+
+
+def reproduce(args: ReproduceArgs) -> dict:
+    """Train and evaluate every method of ``args``, write DIR/results.{json,md,png}, and return the results."""
+    out = Path(args.output)
+    _announce(args.row_used, args.model)
+    plans = {method: args.train_args(method) for method in args.methods}  # every setting checked before any work
+    _check_test_files(args.data_dir, args.task_names)
+    _check_training_data(args.data)
+    out.mkdir(parents=True, exist_ok=True)
+    evaluations, trainable = {}, {}
+    for method, train_args in plans.items():
+        trainable[method] = _train(method, train_args)
+        evaluations[method] = _evaluate(args, method, train_args)
+    results = report.build_results(args, evaluations, trainable)
+    report.write_outputs(out, results)
+    print(report.markdown(results))
+    return results
+
+
+def _effective_batch() -> int:
+    """The protocol's sequences per optimizer step: batch size times accumulation."""
+    training = load_protocol()["training"]
+    return training["batch_size"] * training["grad_accum"]
+
+
+def _announce(row: Row, model: str) -> None:
+    reasons = {
+        "matched": f"matched by the model's name {model}",
+        "chosen": "chosen with --row",
+        "default": f"the default, as the paper did not fine-tune {model}: no paper numbers; --row picks a row",
+    }
+    print(f"liftft reproduce: {row.table} table, hyperparameters of row {row.name} ({reasons[row.how]})")
+
+
+def _check_test_files(data_dir: str, task_names: list[str]) -> None:
+    """Refuse a --data-dir without any of the tasks' test files before training; name the missing ones."""
+    folder = Path(data_dir)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir!r} does not exist; it holds <task>/{TEST_FILE}, as "
+                                "LLM-Adapters' dataset/ folder does (git clone "
+                                "https://github.com/AGI-Edgerunners/LLM-Adapters)")
+    missing = [name for name in task_names if find_test_file(folder, name) is None]
+    if len(missing) == len(task_names):
+        raise FileNotFoundError(f"--data-dir {data_dir} holds no test file (<task>/{TEST_FILE}) of "
+                                f"{', '.join(task_names)}")
+    if missing:
+        print(f"liftft reproduce: warning: no test file in {data_dir} for {', '.join(missing)}; the averages leave "
+              "them out, unlike the paper's")
+
+
+def _check_training_data(data: list[str]) -> None:
+    """Read the training data once before any training, so that a missing file is named with where to get it."""
+    try:
+        load_records(data)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{err}; {GET_DATA}") from err
+
+
+def _train(method: str, train_args: TrainArgs) -> int:
+    """Train ``method`` unless its output dir holds the same run finished; returns its trained count."""
+    out = Path(train_args.output)
+    run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
+    if run.get("status") != "done":
+        return train(train_args)["trainable"]
+    run_dir.check_continues(out, train_args.run_record(), {}, resume=True)  # a finished run of other settings
+    print(f"liftft reproduce: {method}: already trained in {out}, skipped")
+    return run["trainable"]
+
+
+def _evaluate(args: ReproduceArgs, method: str, train_args: TrainArgs) -> dict:
+    """`liftft eval` of ``method``'s training output on the tasks; returns its results.json."""
+    eval_dir = Path(args.output) / method / "eval"
+    settings = args.evaluation()
+    argv = ["--output", str(eval_dir), "--tasks", ",".join(args.task_names), "--data-dir", args.data_dir,
+            "--batch-size", str(settings["batch_size"]), "--max-new-tokens", str(settings["max_new_tokens"]),
+            "--num-beams", str(settings["num_beams"]), "--extractor", settings["extractor"],
+            "--scoring", settings["scoring"], "--template", train_args.template, *_trained_model(method, train_args)]
+    if settings["limit"] is not None:
+        argv += ["--limit", str(settings["limit"])]
+    if args.bf16 is not None:
+        argv.append("--bf16" if args.bf16 else "--no-bf16")
+    if args.device != "auto":
+        argv += ["--device", args.device]
+    print(f"liftft reproduce: {method}: evaluating on {', '.join(args.task_names)}")
+    eval_command.run(_eval_flags(argv))
+    return read_results(eval_dir)
+
+
+def _trained_model(method: str, train_args: TrainArgs) -> list[str]:
+    """The `liftft eval` flags that load what `liftft train` wrote for ``method``."""
+    out = Path(train_args.output)
+    if method in SPARSE_SELECTORS:
+        return ["--model", train_args.model, "--delta", str(out)]
+    if method in PEFT_METHODS:
+        return ["--model", train_args.model, "--adapter", str(out / ADAPTER_DIR)]
+    return ["--model", str(out / MERGED_DIR), "--tokenizer", train_args.model]
+
+
+def _eval_flags(argv: list[str]) -> argparse.Namespace:
+    """`liftft eval`'s parsed flags, its defaults filled in as on the command line."""
+    parser = argparse.ArgumentParser(prog="liftft")
+    eval_command.register(parser.add_subparsers())
+    return parser.parse_args(["eval", *argv])
 
 
 def register(subparsers) -> None:
     """Add the `reproduce` subcommand."""
-    from liftft.reproduce.protocol import table_names
-    from liftft.reproduce.run import DEFAULT_METHODS, DEFAULT_TEST_DIR
-
     p = subparsers.add_parser(
         "reproduce",
         formatter_class=DefaultsShown,
@@ -62,8 +285,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from liftft.reproduce import ReproduceArgs, reproduce
-
     reproduce(ReproduceArgs(
         table=args.table, model=args.model, output=args.output, data=args.data, data_dir=args.data_dir,
         methods=args.methods, tasks=args.tasks, row=args.row, limit=args.limit, max_steps=args.max_steps,

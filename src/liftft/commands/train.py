@@ -6,11 +6,11 @@ import argparse
 import os
 
 from liftft.commands import DefaultsShown, add_progress_flag, target_modules_arg
-from liftft.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
-from liftft.methods import METHODS
-from liftft.records import parse_columns
-from liftft.reporting import REPORT_TO, TENSORBOARD_DIR
-from liftft.run_config import read_config_first
+from liftft.engine.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
+from liftft.engine.methods import METHODS
+from liftft.data.records import parse_columns
+from liftft.training.reporting import REPORT_TO, TENSORBOARD_DIR
+from liftft.training.run_config import read_config_first
 
 
 def register(subparsers) -> None:
@@ -126,7 +126,7 @@ def register(subparsers) -> None:
 
 def train_args_from(args):
     """The TrainArgs of parsed CLI flags, with the budget and length defaults resolved."""
-    from liftft.train import TrainArgs
+    from liftft.training.train import TrainArgs
 
     if args.rank is not None and args.density is not None:
         raise ValueError("--rank and --density contradict each other: give one")
@@ -165,7 +165,7 @@ def _update_interval(args) -> int | None:
 
 
 def run(args) -> int:
-    from liftft.train import train
+    from liftft.training.train import train
 
     metrics = train(train_args_from(args))
     # The process group is gone by now; the launcher's RANK still says which process this is.

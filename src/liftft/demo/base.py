@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from liftft.demo.data import World, corpus_texts, make_source, make_target, make_world, pretraining_records
-from liftft.template import build_prompt, encode_prompt
+from liftft.data.template import build_prompt, encode_prompt
 
 # Bump when the pretraining recipe changes in a way the settings do not show.
 CACHE_VERSION = 1

@@ -10,10 +10,10 @@ from contextlib import contextmanager
 
 import torch
 
-from liftft.errors import TrainingDiverged
+from liftft.utils.errors import TrainingDiverged
 from liftft.eval import custom_task, evaluate_task
-from liftft.loop import TrainingLoop
-from liftft.methods import setup_method
+from liftft.training.loop import TrainingLoop
+from liftft.engine.methods import setup_method
 
 
 class Evaluator:
@@ -57,7 +57,7 @@ class _ScoredLoop(TrainingLoop):
 
 def scored_run(args, base_model, examples: list[dict], pad_token_id: int, device: torch.device, score,
                score_at) -> dict:
-    """Fine-tune a copy of ``base_model`` as ``args`` (a :class:`liftft.train.TrainArgs`) says, on the encoded
+    """Fine-tune a copy of ``base_model`` as ``args`` (a :class:`liftft.training.train.TrainArgs`) says, on the encoded
     ``examples``, with the loop of `liftft train`, scoring it with ``score`` after each step of ``score_at``.
 
     Returns ``{"lr", "points": [{"step", "lr", "target_acc", "source_acc"}...], "train_seconds", "peak_mem_mb",

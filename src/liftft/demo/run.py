@@ -8,16 +8,16 @@ from contextlib import nullcontext
 from dataclasses import asdict
 from pathlib import Path
 
-from liftft.atomic import write_json_atomic
-from liftft.config import LiftConfig
-from liftft.data import encode_dataset
+from liftft.utils.atomic import write_json_atomic
+from liftft.engine.config import LiftConfig
+from liftft.data.batches import encode_dataset
 from liftft.demo.base import DemoSettings, base_path, get_base
 from liftft.demo.finetune import Evaluator, scored_run
 from liftft.demo.frontier import frontier, matched_levels
 from liftft.demo.report import DEMO_METHODS, LABELS, plot, table
 from liftft.demo.threads import demo_threads, torch_threads
-from liftft.outputs import check_writable_dir
-from liftft.train import TrainArgs, resolve_device
+from liftft.utils.outputs import check_writable_dir
+from liftft.training.train import TrainArgs, resolve_device
 
 # Each method's best target accuracy on seed 0 after 400 steps, over the grid in docs/demo.md (full: 1e-3, 3e-3;
 # the others: 3e-3, 1e-2, 3e-2, 1e-1; LoRA diverged at 3e-2). `liftft analyze filter-rank --model demo` trains at

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from liftft.eval.tasks import Task
-from liftft.outputs import check_writable_dir
+from liftft.utils.outputs import check_writable_dir
 
 RESULTS_FILE = "results.json"
 PREDICTIONS_DIR = "predictions"

@@ -12,7 +12,7 @@ from __future__ import annotations
 from liftft.eval.extract import EXTRACTORS, check_extractor, extract_answer, is_correct
 from liftft.eval.results import mean
 from liftft.eval.tasks import LETTER, NUMBER, Task, candidates
-from liftft.template import build_prompt, encode_prompt, encode_response
+from liftft.data.template import build_prompt, encode_prompt, encode_response
 
 SCORINGS = ("generate", "loglik")
 

@@ -1,6 +1,6 @@
 """What lm-eval-harness calls while it runs liftft's task pack: the prompt, the answer filter, the scoring.
 
-They wrap liftft's own template (:func:`liftft.template.build_prompt`), extraction
+They wrap liftft's own template (:func:`liftft.data.template.build_prompt`), extraction
 (:func:`liftft.eval.extract_answer`) and judgement (:func:`liftft.eval.is_correct`),
 so that lm-eval's per-example answers and accuracy are those of ``liftft eval``.
 The pack's ``utils.py`` re-exports them; nothing here imports lm-eval.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from liftft.eval.extract import check_extractor, extract_answer, is_correct
 from liftft.eval.tasks import CHOICE, LETTER, NUMBER, get_task
-from liftft.template import build_prompt
+from liftft.data.template import build_prompt
 
 
 def doc_to_text(doc: dict) -> str:

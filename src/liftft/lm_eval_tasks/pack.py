@@ -16,11 +16,11 @@ import re
 import warnings
 from pathlib import Path
 
-from liftft.atomic import atomic_directory
+from liftft.utils.atomic import atomic_directory
 from liftft.eval.extract import EXTRACTORS
 from liftft.eval.tasks import SUITES, TASKS, TEST_FILE, Task, check_answers, find_test_file, read_records
 from liftft.lm_eval_tasks.hooks import PROCESS_RESULTS
-from liftft.outputs import check_output_dir
+from liftft.utils.outputs import check_output_dir
 
 DATA_DIR_ENV = "LIFTFT_DATA_DIR"
 MARKER = "liftft_tasks.json"  # what the pack holds; also what marks a directory as a pack that may be replaced

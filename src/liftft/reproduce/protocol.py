@@ -8,7 +8,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from liftft.methods import METHODS, SPARSE_SELECTORS
+from liftft.engine.methods import METHODS, SPARSE_SELECTORS
 
 PROTOCOL_FILE = Path(__file__).with_name("protocol.json")
 # The paper's ablations run LIFT's engine with another selector, at LIFT's settings.

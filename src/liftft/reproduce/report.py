@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from liftft.atomic import atomic_write, write_json_atomic
+from liftft.utils.atomic import atomic_write, write_json_atomic
 from liftft.reproduce.protocol import load_protocol
 
 LABELS = {"lift": "LIFT", "full": "Full FT", "lora": "LoRA", "dora": "DoRA", "pissa": "PiSSA", "s2ft": "S2FT",

@@ -1,0 +1,1 @@
+"""Before and beside training: `liftft estimate`'s memory plan and `liftft bench`'s measured throughput and peak."""
