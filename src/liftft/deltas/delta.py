@@ -24,6 +24,7 @@ from liftft.utils import distributed
 from liftft.utils.atomic import atomic_write, write_json_atomic
 from liftft.deltas.checks import checked_entries, read_meta, read_tensors
 from liftft.engine.layout import compress, index_dtype
+from liftft.engine.quantized import load_hint, quantized_targets
 
 DELTA_FILE = "delta.safetensors"
 META_FILE = "liftft.json"
@@ -70,15 +71,25 @@ def _local_delta(opt) -> Delta:
         if trained is None:  # a dense param that never received a gradient
             continue
         idx, base = trained
-        final = p.detach().cpu() if idx is None else p.detach().view(-1)[idx.to(p.device)].cpu()
+        target = opt.quantized_target(name)
+        if target is not None:  # a 4-bit target: the delta is relative to dequant(W₄)
+            final = target.trained_values(idx).cpu()
+        else:
+            final = p.detach().cpu() if idx is None else p.detach().view(-1)[idx.to(p.device)].cpu()
         values = exact_difference(final, base)
         entries[name] = (idx, values)
         positions = irreproducible(final, base, values)
         if positions.numel():
             exact[name] = (positions, final.reshape(-1)[positions].to(values.dtype))
-        weights[name] = {"shape": list(p.shape), "dtype": str(p.dtype).removeprefix("torch."),
+        weights[name] = {"shape": list(p.shape), "dtype": str(base.dtype).removeprefix("torch."),
                          "base_sha256": fingerprint(base)}
+        if target is not None:
+            weights[name]["quantization"] = target.settings()
     meta = {"format_version": EXACT_FORMAT if exact else 2, "config": opt.cfg.to_dict(), "weights": weights}
+    quantized = [info["quantization"] for info in weights.values() if "quantization" in info]
+    if quantized:
+        meta["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": quantized[0]["quant_type"],
+                                "bnb_4bit_use_double_quant": quantized[0]["nested"]}
     return Delta(entries, meta, exact)
 
 
@@ -197,18 +208,37 @@ def check_shapes(params: dict[str, torch.Tensor], delta: Delta) -> None:
 
 
 def check_compatible(model: nn.Module, delta: Delta) -> None:
-    """Raise ValueError naming the first weight whose shape or base fingerprint differs from the delta's base."""
+    """Raise ValueError naming the first weight whose shape, quantization or base fingerprint differs from the
+    delta's base; for a delta trained on a 4-bit base, the message says how to load the base."""
     params = dict(model.named_parameters())
-    check_shapes(params, delta)
+    quantized = quantized_targets(model, [name for name in delta.meta["weights"] if name in params])
+    check_shapes({**params, **{name: target.key for name, target in quantized.items()}}, delta)
     for name, info in delta.meta["weights"].items():
+        recorded, target = info.get("quantization"), quantized.get(name)
+        _check_quantization(name, recorded, target)
         idx, _ = delta.entries[name]
-        p = params[name].detach()
-        current = p.view(-1)[idx.to(p.device).long()] if idx is not None else p
+        p = params[name].detach() if target is None else target.dense()
+        current = p.reshape(-1)[idx.to(p.device).long()] if idx is not None else p
         if fingerprint(current) != info["base_sha256"]:
-            raise ValueError(
-                f"base fingerprint mismatch at {name}: this model is not the base the delta was trained from"
-                " (or the delta was already applied)"
-            )
+            hint = f"; load the base with {load_hint(recorded)}" if recorded else ""
+            raise ValueError(f"base fingerprint mismatch at {name}: this model is not the base the delta was trained "
+                             f"from (or the delta was already applied){hint}")
+
+
+def _check_quantization(name: str, recorded: dict | None, target) -> None:
+    """Raise ValueError, saying how to load the base, when weight ``name`` is quantized otherwise than the delta's
+    base was (``recorded``: its quantization settings, None for a 16-bit base; ``target``: the model's 4-bit target)."""
+    if recorded is None and target is None:
+        return
+    if recorded is None:
+        raise ValueError(f"{name} is a 4-bit layer in this model, but the delta was trained on 16-bit weights: load "
+                         "the base without a quantization_config")
+    if target is None:
+        raise ValueError(f"the delta was trained on a 4-bit base, but {name} is not a 4-bit layer here: load the base "
+                         f"with {load_hint(recorded)} (liftft merge writes the 16-bit model the run trained)")
+    if target.settings()["packed_sha256"] != recorded["packed_sha256"]:
+        raise ValueError(f"{name}'s 4-bit weights differ from those the delta was trained on ({target.settings()['quant_type']}"
+                         f", nested {target.settings()['nested']} here): load the base with {load_hint(recorded)}")
 
 
 @torch.no_grad()
@@ -219,7 +249,9 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
     bit for bit, every entry (those stored with exact values included).
     Raises ValueError, before changing anything, for a damaged delta (see
     :func:`load_delta`) and naming the first weight whose shape or base
-    fingerprint does not match.
+    fingerprint does not match. A delta trained on a bitsandbytes 4-bit base
+    applies to that base loaded the same way: its layers then compute with
+    dequant(W₄) + Δ (:mod:`liftft.engine.quantized`), the packed weights unchanged.
     """
     delta = path if isinstance(path, Delta) else load_delta(path)
     params = dict(model.named_parameters())
@@ -228,11 +260,25 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
         raise ValueError(f"{sharded[0]} is sharded by FSDP2: apply the delta before fully_shard, or on every rank "
                          "with liftft.training.fsdp.apply_delta_to_shards")
     check_compatible(model, delta)
+    quantized = quantized_targets(model, delta.entries)
     for name, (idx, values) in delta.entries.items():
-        p = params[name]
         exact = delta.exact.get(name) if scale == 1 else None
-        add_entries(p.view(-1), None if idx is None else idx.long(), scale * values, exact)
+        if name in quantized:
+            _add_to_4bit(quantized[name], idx.long(), scale * values, exact)
+        else:
+            add_entries(params[name].view(-1), None if idx is None else idx.long(), scale * values, exact)
     return model
+
+
+def _add_to_4bit(target, idx: torch.Tensor, values: torch.Tensor, exact) -> None:
+    """Add ``values`` to a 4-bit target's entries ``idx`` (dequant(W₄) where not trained yet), as :func:`add_entries`
+    does, and route its layer so that it computes with them."""
+    target.include(idx)
+    positions = target.positions(idx)
+    entries = target.values.index_select(0, positions)
+    add_entries(entries, None, values, exact)
+    target.values.index_copy_(0, positions, entries)
+    target.attach()
 
 
 def add_entries(flat: torch.Tensor, idx: torch.Tensor | None, values: torch.Tensor, exact=None) -> None:

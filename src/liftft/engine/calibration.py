@@ -10,6 +10,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from liftft.engine.gradients import SinkHandle
+from liftft.engine.quantized import quantized_targets
 from liftft.engine.targets import find_targets, freeze_all_but
 
 
@@ -32,19 +34,28 @@ def gradient_scores(
     gradient at a time is freed as soon as it is added, and afterwards every
     parameter's ``requires_grad`` and ``.grad`` are as they were; the weights
     do not change. The model's train/eval mode is the caller's (dropout).
+    A 4-bit target's gradient is that of dequant(W₄) + Δ (:mod:`liftft.engine.quantized`),
+    formed in its layer's backward from dY and X.
     """
     targets = find_targets(model, target_modules, exclude_modules)
+    quantized = quantized_targets(model, targets)
     held = [name for name, p in targets.items() if p.grad is not None]
     if held:
         raise ValueError(f"{held[0]} already holds a gradient; call zero_grad() before computing gradient scores")
     loss_fn = loss_fn or _model_loss
-    scores = {name: torch.zeros(p.shape, dtype=torch.float32, device=p.device) for name, p in targets.items()}
+    scores = {name: torch.zeros(quantized[name].shape if name in quantized else p.shape, dtype=torch.float32,
+                                device=p.device) for name, p in targets.items()}
     requires_grad = [(p, p.requires_grad) for p in model.parameters()]
+    attached = [target for target in quantized.values() if not target.attached]
     handles = []
     try:
-        freeze_all_but(model, list(targets.values()))
+        freeze_all_but(model, [p for name, p in targets.items() if name not in quantized])
         handles = [p.register_post_accumulate_grad_hook(partial(_add_magnitude, scores[name]))
-                   for name, p in targets.items()]
+                   for name, p in targets.items() if name not in quantized]
+        handles += [SinkHandle(target, partial(_add_product_magnitude, scores[name]))
+                    for name, target in quantized.items()]
+        for target in attached:
+            target.attach()
         count = 0
         for count, batch in enumerate(batches, start=1):
             loss = loss_fn(model, batch)
@@ -56,6 +67,8 @@ def gradient_scores(
     finally:
         for handle in handles:
             handle.remove()
+        for target in attached:
+            target.detach()
         for p in targets.values():
             p.grad = None  # a batch that raised may have left some
         for p, flag in requires_grad:
@@ -66,6 +79,11 @@ def gradient_scores(
 def _add_magnitude(total: torch.Tensor, p: torch.Tensor) -> None:
     total.add_(p.grad.abs())
     p.grad = None
+
+
+def _add_product_magnitude(total: torch.Tensor, key, grad_output: torch.Tensor, inputs: torch.Tensor) -> None:
+    m, n = total.shape
+    total.add_((grad_output.reshape(-1, m).float().t() @ inputs.reshape(-1, n).float()).abs_())
 
 
 def _model_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -85,4 +103,6 @@ def placeholder_scores(model: nn.Module, target_modules: str | Sequence[str] = "
     batches need not be run again.
     """
     targets = find_targets(model, target_modules, exclude_modules)
-    return {name: torch.zeros((), dtype=torch.float32, device=p.device).expand(p.shape) for name, p in targets.items()}
+    quantized = quantized_targets(model, targets)
+    return {name: torch.zeros((), dtype=torch.float32, device=p.device).expand(
+        quantized[name].shape if name in quantized else p.shape) for name, p in targets.items()}

@@ -77,7 +77,14 @@ def sparse_adamw(flat, row_offsets, columns, n_columns, grad, exp_avg, exp_avg_s
 def torch_sparse_adamw(flat, row_offsets, columns, n_columns, grad, exp_avg, exp_avg_sq, master, step,
                        lr, beta1, beta2, eps, weight_decay, clip=None) -> None:
     """:func:`sparse_adamw` in plain torch: the CPU path, and the reference of the kernels."""
-    idx = expand(row_offsets, columns, n_columns)
+    adamw_at(flat, expand(row_offsets, columns, n_columns), grad, exp_avg, exp_avg_sq, master, step,
+             lr, beta1, beta2, eps, weight_decay, clip=clip)
+
+
+def adamw_at(flat, idx, grad, exp_avg, exp_avg_sq, master, step, lr, beta1, beta2, eps, weight_decay,
+             clip=None) -> None:
+    """:func:`adamw_update` on the entries ``idx`` (int64) of the 1-D ``flat`` (a weight, or a 4-bit target's
+    trained values), on ``master`` when given, written back to ``flat`` rounded to its dtype."""
     if clip is not None:
         grad = grad * clip
     values = master if master is not None else flat.index_select(0, idx).float()

@@ -12,6 +12,8 @@ that ordinary path it handles:
 - several processes without a wrapper: the buffers are averaged once per step;
 - ``LiftConfig(sampled_grad=True)``: target Linears compute their weight
   gradient at the selected entries only (:mod:`liftft.engine.sampled`);
+- 4-bit targets (:mod:`liftft.engine.quantized`) always do, their layers handing
+  (dY, X) to the gatherer in backward;
 - ``step_in_backward``: each gathered gradient goes straight to a callback.
 
 The hooks hold the gatherer only by weak reference: a dropped optimizer does
@@ -45,6 +47,18 @@ def weak_method(method) -> Callable:
     return call
 
 
+class SinkHandle:
+    """A 4-bit target's layer handing its (dY, X) to ``sink`` in backward until ``remove()``."""
+
+    def __init__(self, target, sink: Callable):
+        self.target = target
+        target.sink = sink
+
+    def remove(self) -> None:
+        """Stop handing over: the layer still computes with its trained values, and no longer gathers."""
+        self.target.sink = None
+
+
 def remove_all(handles: list) -> None:
     """Remove every hook handle or patched forward in ``handles`` and empty the list (idempotent)."""
     while handles:
@@ -59,10 +73,14 @@ class GradientGatherer:
     or its local shard under FSDP2). ``layout_of(key)`` gives the key's current
     (row_offsets, columns). With ``on_gathered``, every gathered gradient is
     handed to ``on_gathered(key, grad)`` at once instead of being buffered.
+    ``quantized`` maps the names of 4-bit targets to their
+    :class:`~liftft.engine.quantized.QuantizedTarget` (their key in ``targets``
+    and ``keys`` alike).
     """
 
     def __init__(self, model: nn.Module, targets: dict[str, nn.Parameter], keys: dict[str, torch.Tensor],
-                 layout_of: Callable, sampled: bool, on_gathered: Callable | None = None):
+                 layout_of: Callable, sampled: bool, on_gathered: Callable | None = None,
+                 quantized: dict | None = None):
         self.keys = keys
         self.layout_of = layout_of
         self.on_gathered = on_gathered
@@ -72,10 +90,14 @@ class GradientGatherer:
         self._handed_over: set[torch.Tensor] = set()
         self.handles: list = []
         sharded = {name for name, p in targets.items() if keys[name] is not p}
+        quantized = quantized or {}
+        plain = {name: p for name, p in targets.items() if name not in quantized}
         try:
+            for target in quantized.values():
+                self.handles.append(SinkHandle(target, weak_method(self._receive_sampled)))
             if sampled:
-                self.handles += sample_weight_gradients(model, targets, weak_method(self._receive_sampled))
-            for name, p in targets.items():
+                self.handles += sample_weight_gradients(model, plain, weak_method(self._receive_sampled))
+            for name, p in plain.items():
                 hook = (functools.partial(weak_method(self._receive_shard), keys[name]) if name in sharded
                         else weak_method(self._receive_dense))
                 self.handles.append(p.register_post_accumulate_grad_hook(hook))

@@ -16,10 +16,11 @@ from torch import nn
 
 from liftft.utils import distributed
 from liftft.engine.config import LiftConfig, clip_norm
-from liftft.engine.functional import clip_coefficient, dense_adamw, gradient_norm, sparse_adamw, use_kernels
+from liftft.engine.functional import adamw_at, clip_coefficient, dense_adamw, gradient_norm, sparse_adamw, use_kernels
 from liftft.engine.gradients import GradientGatherer, remove_all
 from liftft.engine.layout import index_dtype
 from liftft.engine.plan import selection_plan
+from liftft.engine.quantized import QuantizedTarget, dequantize, quantized_targets
 from liftft.engine.selection import budget
 from liftft.engine.target_state import (bias_correction_steps, carried_state, current_fp32, dense_state, flat_indices,
                                  fresh_state, loaded_state, record_touched)
@@ -55,6 +56,12 @@ class LiftAdamW(torch.optim.Optimizer):
 
     ``scores`` ({target name: scores}, from :func:`liftft.gradient_scores`)
     are what ``LiftConfig(selector="gradient")`` selects from, once.
+
+    Targets that are bitsandbytes ``Linear4bit`` layers (a model loaded with
+    ``BitsAndBytesConfig(load_in_4bit=True)``) are trained as QLIFT
+    (:mod:`liftft.engine.quantized`): their packed weights never change, the
+    trained entries live beside them in fp32, and the layer computes with
+    dequant(W₄) + Δ, its weight gradient taken at the selected entries only.
     """
 
     def __init__(
@@ -72,7 +79,7 @@ class LiftAdamW(torch.optim.Optimizer):
     ):
         max_grad_norm = clip_norm(max_grad_norm)
         _check_hyperparameters(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm)
-        targets, dense, shards = _trained_tensors(model, cfg, dense_params)
+        targets, dense, shards, quantized = _trained_tensors(model, cfg, dense_params)
         plan = selection_plan(model, targets, cfg, scores)
         # Under FSDP2 the optimizer works on each target's local shard: plain tensors, indexed like any weight.
         keys = {name: shards.get(name, p) for name, p in targets.items()}
@@ -89,15 +96,18 @@ class LiftAdamW(torch.optim.Optimizer):
         self._grad_norm = None
         self._keys = keys
         self._sharded = {shards[name]: targets[name] for name in shards}
+        self._quantized = {target.key: target for target in quantized.values()}
         self._gatherer = GradientGatherer(model, targets, keys, self._layout_of, cfg.sampled_grad,
-                                          self._update_in_backward if step_in_backward else None)
+                                          self._update_in_backward if step_in_backward else None, quantized)
         try:
             self.state.update(self._selections(refresh=False))
         except BaseException:  # construction is all or nothing: no hook may outlive a failed one
             self._gatherer.close()
             raise
         weakref.finalize(self, remove_all, self._gatherer.handles)
-        freeze_all_but(model, [*targets.values(), *dense.values()])
+        freeze_all_but(model, [p for name, p in targets.items() if name not in quantized] + list(dense.values()))
+        for target in quantized.values():
+            target.attach()
         # A wrapper that swaps this list for its own (DeepSpeed ZeRO's flat partitions) is caught at step().
         self._lift_params = self._lift_group["params"]
 
@@ -157,6 +167,11 @@ class LiftAdamW(torch.optim.Optimizer):
     def sharded(self) -> bool:
         """True when the targets are FSDP2-sharded: each rank steps its own rows, and counts are this rank's."""
         return bool(self._sharded)
+
+    def quantized_target(self, name: str) -> QuantizedTarget | None:
+        """The :class:`~liftft.engine.quantized.QuantizedTarget` of the 4-bit target ``name``; None for any other
+        trained parameter."""
+        return self._quantized.get(self._keys.get(name))
 
     def sharded_parameter(self, shard: torch.Tensor):
         """Under FSDP2, the DTensor parameter whose local shard is ``shard`` (what :meth:`trained_parameters` yields)."""
@@ -264,7 +279,8 @@ class LiftAdamW(torch.optim.Optimizer):
 
     def _selections(self, refresh: bool):
         refreshes = self._lift_group["refreshes"] + int(refresh)
-        return _selections(self._keys, self._sharded, self.state, self.cfg, self._plan, refreshes, refresh)
+        return _selections(self._keys, self._sharded, self._quantized, self.state, self.cfg, self._plan, refreshes,
+                           refresh)
 
     def _update_in_backward(self, key: torch.Tensor, grad: torch.Tensor) -> None:
         with torch.no_grad():
@@ -276,9 +292,16 @@ class LiftAdamW(torch.optim.Optimizer):
         state = self.state[key]
         state["step"] += 1
         group = self._lift_group
+        hyper = (group["lr"], *group["betas"], group["eps"], group["weight_decay"])
+        target = self._quantized.get(key)
+        if target is not None:  # the trained values stand in for the weight's
+            positions = target.positions(flat_indices(state, key.shape[1]))
+            adamw_at(target.values, positions, grad, state["exp_avg"], state["exp_avg_sq"], None,
+                     bias_correction_steps(state), *hyper, clip=clip)
+            return
         sparse_adamw(key.data.view(-1), state["row_offsets"], state["columns"], key.shape[1], grad,
                      state["exp_avg"], state["exp_avg_sq"], state.get("master"), bias_correction_steps(state),
-                     group["lr"], *group["betas"], group["eps"], group["weight_decay"], clip=clip)
+                     *hyper, clip=clip)
 
     def _step_dense(self, p, clip) -> None:
         if p.grad is None:
@@ -293,14 +316,16 @@ class LiftAdamW(torch.optim.Optimizer):
 
 
 @torch.no_grad()
-def _selections(keys: dict[str, torch.Tensor], sharded: dict, states, cfg: LiftConfig, plan, refreshes: int,
-                refresh: bool):
+def _selections(keys: dict[str, torch.Tensor], sharded: dict, quantized: dict, states, cfg: LiftConfig, plan,
+                refreshes: int, refresh: bool):
     """Yield (key, state) for every target as its selection is made, same-shaped targets batched.
 
     ``keys`` maps target names to the tensors the state is keyed by; ``states``
     is the optimizer's state; ``plan`` makes the selections. Under FSDP2 (``sharded`` maps a local shard to its
     DTensor) a target is selected from its whole matrix (budget, grouping and
-    SVD by the full shape), and every rank takes rank 0's selection.
+    SVD by the full shape), and every rank takes rank 0's selection. A 4-bit
+    target (``quantized`` maps its key to its QuantizedTarget) is selected
+    from dequant(W₄) + Δ, and its newly selected entries join its trained values.
     """
     names, keys = list(keys), list(keys.values())
     whole = [sharded.get(key, key) for key in keys]
@@ -308,11 +333,10 @@ def _selections(keys: dict[str, torch.Tensor], sharded: dict, states, cfg: LiftC
 
     def current(w):
         i = position[id(w)]
+        if keys[i] in quantized:
+            return _finite(quantized[keys[i]].dense(torch.float32), names[i])
         local = current_fp32(keys[i], states[keys[i]]) if refresh else keys[i].detach()
-        matrix = distributed.whole_matrix(local, sharded.get(keys[i]))
-        if not bool(torch.isfinite(matrix).all()):
-            raise ValueError(f"target {names[i]} holds non-finite values (nan or inf); LIFT cannot select from it")
-        return matrix
+        return _finite(distributed.whole_matrix(local, sharded.get(keys[i])), names[i])
 
     ks = [budget(tuple(w.shape), rank=cfg.rank, density=cfg.density) for w in whole]
     for i, idx in plan.iter_select(whole, ks, refreshes, prepare=current):
@@ -320,7 +344,23 @@ def _selections(keys: dict[str, torch.Tensor], sharded: dict, states, cfg: LiftC
         idx = distributed.agreed_indices(idx, sharded.get(key))
         previous = states[key] if refresh else None
         new = carried_state(previous, key, idx, cfg) if refresh else fresh_state(key, idx, cfg)
-        yield key, record_touched(new, idx, previous, key)
+        yield key, record_touched(new, idx, previous, _standing_values(key, quantized.get(key), idx))
+
+
+def _finite(matrix: torch.Tensor, name: str) -> torch.Tensor:
+    if not bool(torch.isfinite(matrix).all()):
+        raise ValueError(f"target {name} holds non-finite values (nan or inf); LIFT cannot select from it")
+    return matrix
+
+
+def _standing_values(key: torch.Tensor, target: QuantizedTarget | None, selected: torch.Tensor) -> torch.Tensor:
+    """``key``'s matrix flattened as it stands, base values where never trained; a 4-bit target's dequant(W₄),
+    after its newly ``selected`` entries join its trained values."""
+    if target is None:
+        return key.detach().view(-1)
+    base = dequantize(target.module)
+    target.include(selected, base)
+    return base.view(-1)
 
 
 def _check_hyperparameters(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm) -> None:
@@ -348,13 +388,18 @@ def _trained_tensors(model: nn.Module, cfg: LiftConfig, dense_params):
     """(targets, dense params, FSDP2 local shards of the targets), all by name, checked before anything changes."""
     distributed.reject_wrapped(model)
     targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
+    quantized = quantized_targets(model, targets)
+    targets.update({name: target.key for name, target in quantized.items()})
     dense = named_dense(model, dense_params, targets)
-    check_trainable({**targets, **dense})
+    check_trainable({**targets, **dense}, quantized=set(quantized))
     shards = distributed.local_shards(targets)
+    if shards and quantized:
+        raise ValueError("4-bit targets cannot be FSDP2-sharded; train a 4-bit base in one process or with "
+                         "torchrun/accelerate launch without FSDP2 (each process holds the whole 4-bit model)")
     if shards and dense:
         raise ValueError("dense_params are not supported with FSDP2-sharded targets; train them in another optimizer")
     if shards and cfg.sampled_grad:
         raise ValueError("sampled_grad does not work with FSDP2-sharded targets; use LiftConfig(sampled_grad=False)")
     for p in (shards or targets).values():
         use_kernels(p)  # the kernels' first-use check syncs with the device: run it now, never in a hook or step()
-    return targets, dense, shards
+    return targets, dense, shards, quantized

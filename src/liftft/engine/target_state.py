@@ -80,15 +80,16 @@ def bias_correction_steps(state: dict):
     return step - starts[ago.long()]
 
 
-def record_touched(state: dict, selected: torch.Tensor, previous: dict | None, p: torch.Tensor) -> dict:
+def record_touched(state: dict, selected: torch.Tensor, previous: dict | None, flat: torch.Tensor) -> dict:
     """Add to ``state`` the sorted union of all entries ever selected (``selected`` now), with their base values.
 
-    The record lives on the host, but is merged on p's device, one matrix at a
+    ``flat`` is the matrix flattened as it stands, whose entries never selected
+    before still hold their base values (a 4-bit target's: dequant(W₄)). The
+    record lives on the host, but is merged on flat's device, one matrix at a
     time, so the device holds only one matrix's record at once. (On the CPU the
     merge took 0.12 s for one 8192x2048 matrix of Llama-3.2-1B, so tens of
     seconds per refresh over all of them; a GPU does it in a fraction of that.)
     """
-    flat = p.detach().view(-1)
     if previous is None:
         state["touched"], state["base"] = selected.cpu(), flat[selected].cpu()
         return state

@@ -109,15 +109,16 @@ def named_dense(model: nn.Module, dense_params, targets: dict[str, nn.Parameter]
     return dense
 
 
-def check_trainable(trained: dict[str, nn.Parameter]) -> None:
+def check_trainable(trained: dict[str, nn.Parameter], quantized: set[str] = frozenset()) -> None:
     """Raise ValueError, naming the parameter, unless every one is contiguous and all share one device.
 
-    LIFT indexes a target's flat storage; clipping and rank averaging combine
+    LIFT indexes a target's flat storage (but for the ``quantized`` targets',
+    whose trained values live beside it); clipping and rank averaging combine
     every trained tensor in one place.
     """
     first, where = next(iter(trained)), next(iter(trained.values())).device
     for name, p in trained.items():
-        if not p.is_contiguous():
+        if name not in quantized and not p.is_contiguous():
             raise ValueError(f"{name} is not contiguous; LIFT indexes its flat storage")
         if p.device != where:
             raise ValueError(f"LiftAdamW trains parameters on one device, but {first} is on {where} and {name} on "
