@@ -1,6 +1,8 @@
 """One module per `liftft` subcommand, each with register(subparsers); shared argument parsers below."""
 
 import argparse
+import contextlib
+import re
 
 
 def comma_list(text: str) -> list[str]:
@@ -19,7 +21,23 @@ def target_modules_arg(text: str) -> str | list[str]:
 def add_progress_flag(parser) -> None:
     """``--no-progress``, which every command takes: it hides liftft's and transformers' progress bars."""
     parser.add_argument("--no-progress", dest="progress", action="store_false",
-                        help="hide progress bars (liftft's and transformers')")
+                        help="hide progress bars (liftft's, those of the evaluations it runs, and transformers'). "
+                             "Where stderr is not a terminal (a file, a pipe, CI), progress is a plain line every "
+                             "10%% of the work or every 30 s, with the ETA")
+
+
+def add_4bit_flags(parser, what: str) -> None:
+    """``--load-in-4bit``, ``--bnb-4bit-quant-type`` and ``--use-bnb-nested-quant``, as TRL's ModelConfig names them;
+    ``what`` says what a 4-bit base does for this command."""
+    group = parser.add_argument_group("4-bit base (QLIFT, QLoRA; needs pip install 'liftft[bnb]')")
+    group.add_argument("--load-in-4bit", action="store_true",
+                       help=f"{what}: a bitsandbytes 4-bit base, every linear layer but the head packed to 4 bits "
+                       "and frozen; the sparse methods train beside it (QLIFT), lora and dora are QLoRA and QDoRA")
+    group.add_argument("--bnb-4bit-quant-type", default="nf4", choices=("nf4", "fp4"),
+                       help="the 4-bit data type (with --load-in-4bit)")
+    group.add_argument("--use-bnb-nested-quant", action="store_true",
+                       help="quantize the 4-bit base's constants too, about 0.4 bits per weight less (with "
+                       "--load-in-4bit)")
 
 
 class DefaultsShown(argparse.HelpFormatter):
@@ -32,3 +50,24 @@ class DefaultsShown(argparse.HelpFormatter):
                 or action.nargs == 0):
             return text
         return f"{text} (default: %(default)s)"
+
+
+# LiftConfig's fields that are flags of the same name (filter_rank: --filter-rank).
+_LIFT_FLAG_FIELDS = ("rank", "density", "filter_rank", "update_interval", "svd", "target_modules", "bias_correction",
+                     "block_size")
+_LEADING_FIELD = re.compile(rf"^({'|'.join(_LIFT_FLAG_FIELDS)})(?= must )")
+
+
+class lift_fields_as_flags(contextlib.ContextDecorator):
+    """Re-raise a ValueError or TypeError that begins with a LiftConfig field (``filter_rank must be >= 1``, as the
+    library says it) naming the flag that sets it (``--filter-rank must be >= 1``); for the commands that build a
+    LiftConfig from their flags."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if kind in (ValueError, TypeError) and _LEADING_FIELD.match(str(error)):
+            text = _LEADING_FIELD.sub(lambda m: "--" + m.group(1).replace("_", "-"), str(error), count=1)
+            raise kind(text) from error
+        return False

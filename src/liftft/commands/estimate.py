@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from liftft.commands import DefaultsShown
+from liftft.commands import DefaultsShown, add_4bit_flags, lift_fields_as_flags
 from liftft.engine.methods import METHODS
 from liftft.planning.shapes import MODEL_CONFIGS
 
@@ -50,24 +50,30 @@ def register(subparsers) -> None:
     p.add_argument("--loss", choices=("chunked", "full"),
                    help="the loss's logits: chunked (a chunk of tokens at a time) or full fp32 logits; by default what "
                    "liftft train computes: full under --fsdp, chunked otherwise")
+    add_4bit_flags(p, "plan on")
     p.add_argument("--json", metavar="FILE.json", help="also write the figures as JSON to this file ('-': stdout only)")
     p.set_defaults(func=run)
 
 
+@lift_fields_as_flags()
 def run(args) -> int:
     """Estimate, print the table (or the JSON, with --json -) and write --json; returns the exit code."""
     from liftft.planning.estimate import estimate
     from liftft.utils.hf import load_config
     from liftft.planning.shapes import model_config
+    from liftft.utils.quantization import check_4bit_settings
 
     if args.json not in (None, "-"):
         parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.json)))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"--json {args.json!r}: directory {parent} does not exist")
+    check_4bit_settings(args.method, fsdp=args.fsdp, load_in_4bit=args.load_in_4bit,
+                        quant_type=args.bnb_4bit_quant_type, nested=args.use_bnb_nested_quant)
     config = load_config(args.model) if args.model is not None else model_config(args.model_config)
     result = estimate(config, args.method, gpus=args.gpus, fsdp=args.fsdp, batch_size=args.batch_size,
                       seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
-                      density=args.density, step_in_backward=args.step_in_backward, dtype=args.dtype, loss=args.loss)
+                      density=args.density, step_in_backward=args.step_in_backward, dtype=args.dtype, loss=args.loss,
+                      load_in_4bit=args.load_in_4bit, nested=args.use_bnb_nested_quant)
     figures = {"model": args.model or args.model_config, **result.to_dict()}
     if args.json == "-":
         print(json.dumps(figures, indent=2))
@@ -92,7 +98,8 @@ def format_estimate(figures: dict) -> str:
         f"{figures['model']}: {s['method']}{budget}, {s['gpus']} GPU{'s' * (s['gpus'] > 1)}"
         f"{', FSDP2' * s['fsdp']}, {s['dtype']}, batch {s['batch_size']} x {s['seq_len']} per GPU, "
         f"{'' if s['gradient_checkpointing'] else 'no '}gradient checkpointing, {s['loss']} loss"
-        f"{', step in backward' * s['step_in_backward']}",
+        f"{', step in backward' * s['step_in_backward']}"
+        f"{(', 4-bit base' + ' (nested)' * s['nested']) * s.get('load_in_4bit', False)}",
         f"parameters {figures['parameters']:,}; trained {figures['trainable']:,} "
         f"({figures['trainable'] / figures['parameters']:.2%})",
         "",

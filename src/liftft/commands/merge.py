@@ -27,6 +27,10 @@ def register(subparsers) -> None:
         default="auto",
         help="dtype of the saved weights (default: auto, the dtype the delta was trained in)",
     )
+    parser.add_argument("--original-weights", action="store_true",
+                        help="for a delta trained on a 4-bit base (--load-in-4bit), which merges by default into "
+                        "the 16-bit model the run trained, dequant(base) + delta: add it to the base's original "
+                        "16-bit weights instead, which it was not trained on (docs/qlift.md measures the difference)")
     parser.set_defaults(func=run)
 
 
@@ -34,6 +38,6 @@ def run(args) -> int:
     """Merge and report where the model went."""
     from liftft.deltas.merge import merge_delta
 
-    output = merge_delta(args.model, args.delta, args.output, dtype=args.dtype)
+    output = merge_delta(args.model, args.delta, args.output, dtype=args.dtype, original_weights=args.original_weights)
     print(f"wrote merged model to {output}")
     return 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from liftft.commands import DefaultsShown, add_progress_flag, target_modules_arg
+from liftft.commands import DefaultsShown, add_4bit_flags, add_progress_flag, target_modules_arg, lift_fields_as_flags
 from liftft.engine.config import BIAS_CORRECTIONS, SVD_METHODS, LiftConfig
 from liftft.engine.methods import METHODS
 from liftft.data.records import parse_columns
@@ -74,7 +74,8 @@ def register(subparsers) -> None:
     p.add_argument("--grad-accum", "--gradient-accumulation-steps", type=int, default=16,
                    help="micro-batches per optimizer step")
     p.add_argument("--max-seq-len", type=int, default=2048,
-                   help="longer examples lose prompt tokens from the left; EOS is never cut")
+                   help="longer examples lose prompt tokens from the left, and conversations whole first exchanges "
+                        "(their system prompt kept; docs/data.md); the response and EOS are never cut")
     p.add_argument("--warmup-ratio", type=float, default=0.03, help="fraction of steps of linear warmup")
     p.add_argument("--scheduler", default="linear", choices=("linear", "cosine", "constant"), help="lr decay after warmup")
     p.add_argument("--weight-decay", type=float, default=0.0, help="decoupled weight decay")
@@ -92,7 +93,8 @@ def register(subparsers) -> None:
                    "computed from the full logits. The delta is that of an unsharded run; --resume needs --fsdp "
                    "and the same process count")
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                   help="bf16 mixed precision (default: on when a CUDA GPU supports it)")
+                   help="bf16 mixed precision (default: on when a CUDA GPU supports it); with --load-in-4bit, the "
+                   "4-bit layers compute in bf16 too")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--val-size", type=int, default=0,
                    help="hold out N records and log their loss (eval_loss) at the end and every --eval-steps")
@@ -121,6 +123,7 @@ def register(subparsers) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress_flag(p)
     read_config_first(p, alternatives=(("epochs", "max_steps"), ("rank", "density")))
+    add_4bit_flags(p, "train on")
     p.set_defaults(func=run)
 
 
@@ -145,6 +148,8 @@ def train_args_from(args):
         batch_size=args.batch_size, grad_accum=args.grad_accum, max_seq_len=args.max_seq_len,
         warmup_ratio=args.warmup_ratio, scheduler=args.scheduler, weight_decay=args.weight_decay,
         max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, fsdp=args.fsdp, bf16=args.bf16,
+        load_in_4bit=args.load_in_4bit, bnb_4bit_quant_type=args.bnb_4bit_quant_type,
+        use_bnb_nested_quant=args.use_bnb_nested_quant,
         gradient_checkpointing=args.gradient_checkpointing, val_size=args.val_size, template=args.template,
         data_split=args.data_split, data_config=args.data_config,
         columns=parse_columns(args.columns) if args.columns is not None else None,
@@ -164,6 +169,7 @@ def _update_interval(args) -> int | None:
     return LiftConfig.update_interval if args.update_interval is None else args.update_interval or None
 
 
+@lift_fields_as_flags()
 def run(args) -> int:
     from liftft.training.train import train
 

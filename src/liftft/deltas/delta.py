@@ -207,14 +207,20 @@ def check_shapes(params: dict[str, torch.Tensor], delta: Delta) -> None:
             raise ValueError(f"shape mismatch at {name}: model has {list(params[name].shape)}, delta expects {info['shape']}")
 
 
-def check_compatible(model: nn.Module, delta: Delta) -> None:
+def check_compatible(model: nn.Module, delta: Delta, original_weights: bool = False) -> None:
     """Raise ValueError naming the first weight whose shape, quantization or base fingerprint differs from the
-    delta's base; for a delta trained on a 4-bit base, the message says how to load the base."""
+    delta's base; for a delta trained on a 4-bit base, the message says how to load the base. With
+    ``original_weights``, such a delta's weights must be 16-bit here, and their fingerprints are not checked."""
     params = dict(model.named_parameters())
     quantized = quantized_targets(model, [name for name in delta.meta["weights"] if name in params])
     check_shapes({**params, **{name: target.key for name, target in quantized.items()}}, delta)
     for name, info in delta.meta["weights"].items():
         recorded, target = info.get("quantization"), quantized.get(name)
+        if original_weights and recorded is not None:
+            if target is not None:
+                raise ValueError(f"original_weights adds the delta to 16-bit weights, but {name} is a 4-bit layer "
+                                 "here: load the base without a quantization_config")
+            continue
         _check_quantization(name, recorded, target)
         idx, _ = delta.entries[name]
         p = params[name].detach() if target is None else target.dense()
@@ -242,7 +248,7 @@ def _check_quantization(name: str, recorded: dict | None, target) -> None:
 
 
 @torch.no_grad()
-def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
+def apply_delta(model: nn.Module, path, scale: float = 1.0, *, original_weights: bool = False) -> nn.Module:
     """Add ``scale`` times the delta at ``path`` to ``model`` in place and return it.
 
     With scale 1 on the base model this reproduces the trained weights exactly,
@@ -252,6 +258,9 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
     fingerprint does not match. A delta trained on a bitsandbytes 4-bit base
     applies to that base loaded the same way: its layers then compute with
     dequant(W₄) + Δ (:mod:`liftft.engine.quantized`), the packed weights unchanged.
+    Only when asked with ``original_weights`` is such a delta added to the
+    16-bit weights the base was quantized from, which are not those it was
+    trained on (their fingerprints are not checked, and no value is exact).
     """
     delta = path if isinstance(path, Delta) else load_delta(path)
     params = dict(model.named_parameters())
@@ -259,10 +268,11 @@ def apply_delta(model: nn.Module, path, scale: float = 1.0) -> nn.Module:
     if sharded:
         raise ValueError(f"{sharded[0]} is sharded by FSDP2: apply the delta before fully_shard, or on every rank "
                          "with liftft.training.fsdp.apply_delta_to_shards")
-    check_compatible(model, delta)
+    check_compatible(model, delta, original_weights)
     quantized = quantized_targets(model, delta.entries)
     for name, (idx, values) in delta.entries.items():
-        exact = delta.exact.get(name) if scale == 1 else None
+        relative_to_dequantized = original_weights and "quantization" in delta.meta["weights"][name]
+        exact = delta.exact.get(name) if scale == 1 and not relative_to_dequantized else None
         if name in quantized:
             _add_to_4bit(quantized[name], idx.long(), scale * values, exact)
         else:

@@ -15,12 +15,18 @@ MERGE_FILE = "liftft_merge.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dtype | None = None) -> Path:
+def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dtype | None = None,
+                original_weights: bool = False) -> Path:
     """Write ``base`` plus the delta at ``delta_dir`` to ``output`` as a model directory with tokenizer.
 
     The delta is applied in the dtype it was trained in (the dtype recorded in
     its liftft.json), so the merged weights are exactly the trained ones; they
     are then cast to ``dtype`` (``None`` or ``"auto"`` keeps the trained dtype).
+    A delta trained on a bitsandbytes 4-bit base is applied to that base loaded
+    the same way, and the output is the 16-bit model the run trained,
+    dequant(W₄) + Δ; with ``original_weights`` it is added to the 16-bit
+    weights the base was quantized from instead (not the weights it was
+    trained on: docs/qlift.md measures how far that model is from the trained one).
     ``output`` is loadable with ``AutoModelForCausalLM.from_pretrained`` and
     ``AutoTokenizer.from_pretrained``; it also holds liftft_merge.json, which
     records where it came from, and a model card (README.md, see
@@ -40,31 +46,47 @@ def merge_delta(base: str, delta_dir: str, output: str, *, dtype: str | torch.dt
     remove_leftovers(output)
     check_model_path(base)
     tokenizer = _load_tokenizer_unchanged(base)
-    model = load_merged(base, delta, delta_dir, dtype=out_dtype)
+    model = load_merged(base, delta, delta_dir, dtype=out_dtype, original_weights=original_weights)
     with atomic_directory(output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = {"base_model": base, "delta": str(Path(delta_dir).resolve()),
                   "dtype": str(model.dtype).removeprefix("torch.")}
+        if "quantization" in delta.meta:
+            record["onto"] = "original 16-bit weights" if original_weights else "dequantized 4-bit base"
         (tmp / MERGE_FILE).write_text(json.dumps(record, indent=2))
         write_model_card(tmp, {**delta.meta, "base_model": base}, merged=True)
     return output
 
 
 def load_merged(base: str, delta, delta_dir, *, dtype: str | torch.dtype | None = None,
-                device: str | torch.device = "cpu"):
+                device: str | torch.device = "cpu", original_weights: bool = False):
     """``base`` loaded on ``device`` with ``delta`` (a :class:`liftft.deltas.delta.Delta` read from ``delta_dir``) applied.
 
     The delta is applied in the dtype it was trained in, so the weights are
     exactly the trained ones, and the model is then cast to ``dtype`` (None or
-    ``"auto"`` keeps the trained dtype).
+    ``"auto"`` keeps the trained dtype). A delta of a 4-bit base gives the
+    16-bit model it trained (see :func:`merge_delta`, also for ``original_weights``).
     """
     from liftft.deltas.delta import apply_delta
     from liftft.utils.hf import load_model
 
     trained_dtype = recorded_dtype(delta.meta, delta_dir)
-    model = load_model(base, dtype=trained_dtype, device=device)
-    apply_delta(model, delta)
+    quantization = delta.meta.get("quantization")
+    if original_weights and quantization is None:
+        raise ValueError(f"delta {delta_dir} was trained on 16-bit weights: --original-weights is for a delta of a "
+                         "4-bit base")
+    if quantization is None or original_weights:
+        model = load_model(base, dtype=trained_dtype, device=device)
+        apply_delta(model, delta, original_weights=original_weights)
+    else:
+        from liftft.engine.quantized import dequantized_model
+        from liftft.utils.quantization import bnb_config
+
+        config = bnb_config(quantization["bnb_4bit_quant_type"], quantization["bnb_4bit_use_double_quant"],
+                            trained_dtype)
+        model = dequantized_model(apply_delta(load_model(base, trained_dtype, device, quantization_config=config),
+                                              delta))
     return model.to(_parse_dtype(dtype) or trained_dtype)
 
 

@@ -30,7 +30,7 @@ def export_shira(delta_dir: str, output: str, *, base: str | None = None) -> Pat
     the delta's fingerprints and module types. The chosen r, and whether it
     exceeds the run's LoRA-parity rank because refreshes widened the trained
     entries, is printed and recorded in ``output``/liftft_shira.json. Raises
-    ValueError, before writing anything, for a damaged delta (before loading
+    ValueError, before writing anything, for a delta of a 4-bit base (QLIFT), for a damaged delta (before loading
     ``base``), and for a delta whose sparse weights are not nn.Linear weights
     or that no SHiRA r can hold. What an interrupted export to ``output`` left
     beside it is removed first.
@@ -42,6 +42,11 @@ def export_shira(delta_dir: str, output: str, *, base: str | None = None) -> Pat
     from liftft.utils.outputs import check_output_dir
 
     delta = load_delta(delta_dir)
+    if "quantization" in delta.meta:
+        raise ValueError(f"delta {delta_dir} was trained on a 4-bit base: its values are relative to the dequantized "
+                         "4-bit weights, but a SHiRA adapter is added to the base's 16-bit weights, so it would not "
+                         "reproduce the trained model; use liftft merge (the 16-bit model the run trained), or "
+                         "liftft.apply_delta on the base loaded in 4 bits as the run loaded it")
     output = check_output_dir(output, SHIRA_FILE, "SHiRA export")
     remove_leftovers(output)
     base = base or delta.meta.get("base_model")

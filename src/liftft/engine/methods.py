@@ -9,8 +9,10 @@ from torch import nn
 
 from liftft.engine.config import LiftConfig, clip_norm
 from liftft.engine.optim import LiftAdamW
+from liftft.engine.quantized import is_4bit
 from liftft.engine.targets import find_targets
 from liftft.engine.trainable import trainable_parameters
+from liftft.utils.quantization import REFUSED
 
 SPARSE_SELECTORS = {"lift": "principal", "magnitude": "magnitude", "random": "random",
                     "principal-smallest": "principal-smallest", "s2ft": "s2ft", "gradient": "gradient"}
@@ -84,7 +86,10 @@ def setup_method(
     loop clips at ``MethodSetup.loop_clip_norm``. ``step_in_backward`` is
     passed to :class:`LiftAdamW` (sparse methods only), and so are ``scores``,
     which ``gradient`` selects from (:func:`liftft.engine.calibration.gradient_scores`)
-    and the other methods refuse.
+    and the other methods refuse. On a bitsandbytes 4-bit base the sparse
+    methods are QLIFT (:mod:`liftft.engine.quantized`), lora and dora are
+    QLoRA and QDoRA (PEFT's ``prepare_model_for_kbit_training`` first), and
+    full and pissa are refused.
     """
     cfg = method_config(method, cfg)
     clip = clip_norm(max_grad_norm)
@@ -96,11 +101,18 @@ def setup_method(
         raise ValueError(f"step_in_backward is for the sparse methods ({', '.join(SPARSE_SELECTORS)}), not {method}")
     if scores is not None:
         raise ValueError(f"scores are what method 'gradient' selects from; {method} takes none")
+    quantized = any(is_4bit(module) for module in model.modules())
+    if quantized and method in REFUSED:
+        raise ValueError(f"method {method} cannot train a 4-bit base: {REFUSED[method]}")
     if method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
         opt = _adamw(list(model.parameters()), lr, betas, weight_decay)
         return MethodSetup(model, opt, sum(p.numel() for p in model.parameters()), "full", clip)
+    if quantized:  # QLoRA, QDoRA: PEFT's preparation of a k-bit base (16-bit parameters cast to fp32)
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = _peft_model(model, method, cfg.rank, cfg.target_modules)
     params = [p for p in model.parameters() if p.requires_grad]
     return MethodSetup(model, _adamw(params, lr, betas, weight_decay), sum(p.numel() for p in params), "peft", clip)

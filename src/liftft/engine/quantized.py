@@ -195,3 +195,16 @@ def quantized_targets(model: nn.Module, names) -> dict[str, QuantizedTarget]:
         if leaf == "weight" and is_4bit(module):
             found[name] = getattr(module, ATTRIBUTE, None) or QuantizedTarget(name, module)
     return found
+
+
+def dequantized_model(model: nn.Module) -> nn.Module:
+    """``model`` with every ``Linear4bit`` replaced by an ``nn.Linear`` holding dequant(W₄) + Δ in the model's dtype:
+    the 16-bit model a 4-bit run trained (transformers' ``dequantize``, then the trained values written in)."""
+    trained = {name: (target.index.long(), target.values) for name, module in model.named_modules()
+               if (target := getattr(module, ATTRIBUTE, None)) is not None}
+    model = model.dequantize()
+    with torch.no_grad():
+        for name, (index, values) in trained.items():
+            weight = model.get_submodule(name).weight
+            weight.view(-1).index_put_((index,), values.to(weight.dtype))
+    return model

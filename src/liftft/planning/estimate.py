@@ -20,6 +20,9 @@ from dataclasses import asdict, dataclass
 import torch
 
 from liftft.planning.activations import FP32, activation_bytes, logits_bytes
+from liftft.planning.communication import communication as collectives, link_bytes
+from liftft.planning.quantized import FOUR_BIT_ASSUMPTION, model_bytes
+from liftft.utils.quantization import check_4bit_settings
 from liftft.engine.config import LiftConfig
 from liftft.engine.layout import column_dtype, index_dtype
 from liftft.engine.methods import PEFT_METHODS, SPARSE_SELECTORS, method_config
@@ -32,8 +35,6 @@ GIB = 2**30
 GPU_BYTES = 80 * 10**9
 DTYPES = ("bfloat16", "float32")
 LOSSES = ("chunked", "full")
-# The training loop's per-step totals (token count; loss sum and tokens seen), all-reduced as fp64.
-LOOP_TOTALS_BYTES = 3 * 8
 
 
 @dataclass
@@ -79,18 +80,22 @@ class Estimate:
 def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False, batch_size: int = 1,
              seq_len: int = 2048, gradient_checkpointing: bool = False, rank: int | None = None,
              density: float | None = None, step_in_backward: bool = False, dtype: str = "bfloat16",
-             loss: str | None = None, target_modules="all-linear", bias_correction: str = "matrix") -> Estimate:
+             loss: str | None = None, target_modules="all-linear", bias_correction: str = "matrix",
+             load_in_4bit: bool = False, nested: bool = False) -> Estimate:
     """Plan ``method`` on the model of transformers ``config`` over ``gpus`` GPUs, per GPU; see the module docstring.
 
     ``batch_size`` is per GPU and one micro-batch makes an optimizer step.
     ``rank`` or ``density`` set the budget (rank 128 when neither is given),
     ``dtype`` is "bfloat16" (liftft train's mixed precision) or "float32",
     ``loss`` "chunked" or "full"; None is what liftft train computes: full
-    logits under ``fsdp``, chunked otherwise. Raises ValueError for settings
-    that liftft would refuse and for a config that is no causal LM.
+    logits under ``fsdp``, chunked otherwise. ``load_in_4bit`` plans on a
+    bitsandbytes 4-bit base (``nested``: nested quantization): QLIFT for the
+    sparse methods, QLoRA and QDoRA for lora and dora. Raises ValueError for
+    settings that liftft would refuse and for a config that is no causal LM.
     """
     loss = loss or ("full" if fsdp else "chunked")
     _check_settings(method, gpus, fsdp, batch_size, seq_len, step_in_backward, dtype, loss, config)
+    check_4bit_settings(method, fsdp=fsdp, load_in_4bit=load_in_4bit, nested=nested)
     # Method gradient selects once, so it takes no refresh interval.
     interval = None if method == "gradient" else LiftConfig.update_interval
     cfg = method_config(method, LiftConfig(rank=128 if rank is None and density is None else rank, density=density,
@@ -101,14 +106,16 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
     model = meta_model_from_config(config, weight_dtype)
     shards = gpus if fsdp else 1
     if method in SPARSE_SELECTORS:
-        plan = _sparse_plan(model, cfg, shards, step_in_backward)
+        plan = _sparse_plan(model, cfg, shards, step_in_backward, load_in_4bit)
     else:
-        plan = _dense_plan(model, method, cfg, shards)
+        plan = _dense_plan(model, method, cfg, shards, load_in_4bit)
     compute = 2 if mixed else FP32
     tokens = batch_size * seq_len
+    # PEFT's prepare_model_for_kbit_training casts every 16-bit parameter left unquantized to fp32.
+    weights = model_bytes(model, nested, FP32 if method in PEFT_METHODS else None) if load_in_4bit else \
+        sum(_shard_numel(p.shape, shards) * p.element_size() for p in model.parameters())
     memory = {
-        "weights": sum(_shard_numel(p.shape, shards) * p.element_size() for p in model.parameters())
-        + plan.extra_weights,
+        "weights": weights + plan.extra_weights,
         "gradients": plan.gradients,
         "optimizer_state": plan.state,
         "activations": activation_bytes(config, tokens, gradient_checkpointing, compute)
@@ -116,12 +123,13 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
         "logits": logits_bytes(config.vocab_size, tokens, loss, compute),
         "buffers": buffer_bytes(model, plan, gpus, fsdp, compute),
     }
-    communication = _communication(model, plan, gpus, fsdp, compute)
+    communication = collectives(plan, _unit_numels(model), gpus, fsdp, compute)
     budgeted = method != "full"
     settings = dict(method=method, gpus=gpus, fsdp=fsdp, batch_size=batch_size, seq_len=seq_len,
                     gradient_checkpointing=gradient_checkpointing, rank=cfg.rank if budgeted else None,
                     density=cfg.density if budgeted else None,
-                    step_in_backward=step_in_backward, dtype=dtype, loss=loss)
+                    step_in_backward=step_in_backward, dtype=dtype, loss=loss, load_in_4bit=load_in_4bit,
+                    nested=nested and load_in_4bit)
     return Estimate(
         settings=settings,
         parameters=sum(p.numel() for p in model.parameters()),
@@ -130,14 +138,15 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
         bytes_per_trained_entry=plan.state / max(plan.local_trainable, 1),
         host_bytes=plan.host,
         communication=communication,
-        link_bytes=_link_bytes(communication, gpus),
+        link_bytes=link_bytes(communication, gpus),
         refresh_bytes=plan.refresh_bytes if gpus > 1 and cfg.update_interval is not None else 0,
-        assumptions=assumptions(method, gpus, fsdp, gradient_checkpointing, loss, mixed),
+        assumptions=assumptions(method, gpus, fsdp, gradient_checkpointing, loss, mixed)
+        + [FOUR_BIT_ASSUMPTION] * load_in_4bit,
     )
 
 
 def lift_state_bytes(shape: tuple[int, int], k: int, weight_dtype: torch.dtype, cfg: LiftConfig,
-                     shards: int = 1) -> int:
+                     shards: int = 1, quantized: bool = False) -> int:
     """Device bytes of LiftAdamW's state for one (m, n) target with ``k`` selected entries (liftft.engine.target_state).
 
     Row offsets (m + 1, int32 below 2**31 entries), one column index per entry
@@ -145,9 +154,13 @@ def lift_state_bytes(shape: tuple[int, int], k: int, weight_dtype: torch.dtype, 
     for 16-bit weights (``cfg.master_weights``) and a uint8 ``selected_ago``
     with ``bias_correction="entry"``. Under FSDP2 over ``shards`` ranks, rank 0's
     share: ceil(m / shards) rows and, assuming the selection spreads evenly over
-    rows, as many of the k entries.
+    rows, as many of the k entries. A 4-bit target (``quantized``) keeps its
+    trained values beside the packed base: an fp32 value and a flat index per
+    entry, and no master.
     """
     m, n = shape
+    if quantized:
+        weight_dtype = torch.float32
     rows = -(-m // shards)
     local = round(k * rows / m)
     per_entry = torch.tensor([], dtype=column_dtype(n)).element_size() + 2 * FP32
@@ -155,6 +168,8 @@ def lift_state_bytes(shape: tuple[int, int], k: int, weight_dtype: torch.dtype, 
         per_entry += FP32
     if cfg.bias_correction == "entry":
         per_entry += 1
+    if quantized:  # the trained values beside the packed base, with their flat indices (no master)
+        per_entry += _itemsize(index_dtype(m * n)) + FP32
     return (rows + 1) * _itemsize(index_dtype(local)) + local * per_entry
 
 
@@ -230,7 +245,7 @@ class _Plan:
     refresh_bytes: int = 0
 
 
-def _sparse_plan(model, cfg: LiftConfig, shards: int, step_in_backward: bool) -> _Plan:
+def _sparse_plan(model, cfg: LiftConfig, shards: int, step_in_backward: bool, quantized: bool) -> _Plan:
     targets = find_targets(model, cfg.target_modules, cfg.exclude_modules)
     ks = _selected_counts(model, targets, cfg)
     local = {name: round(ks[name] * -(-p.shape[0] // shards) / p.shape[0]) for name, p in targets.items()}
@@ -243,11 +258,13 @@ def _sparse_plan(model, cfg: LiftConfig, shards: int, step_in_backward: bool) ->
         trainable=sum(ks.values()),
         local_trainable=sum(local.values()),
         gradients=0 if step_in_backward else FP32 * sum(local.values()),
-        state=sum(lift_state_bytes(tuple(p.shape), ks[name], p.dtype, cfg, shards) for name, p in targets.items()),
+        state=sum(lift_state_bytes(tuple(p.shape), ks[name], p.dtype, cfg, shards, quantized)
+                  for name, p in targets.items()),
         # The gathered buffers, and one float per target saying whether this rank received its gradient.
         reduced=[len(targets), *ks.values()],
         scattered=sum(p.numel() for p in targets.values()),
         trained_per_unit=per_unit,
+        # One target's dense gradient, or on a 4-bit base its dequantized weight (its gradient is sampled).
         dense_gradient=max(p.numel() for p in targets.values()) * weight_bytes,
         # The record of trained entries: int32/int64 indices and base values, plus a step count per target.
         host=sum(k * (_itemsize(index_dtype(p.numel())) + weight_bytes) + FP32
@@ -273,8 +290,9 @@ def _selected_counts(model, targets: dict, cfg: LiftConfig) -> dict[str, int]:
     return counts
 
 
-def _dense_plan(model, method: str, cfg: LiftConfig, shards: int) -> _Plan:
-    """Full fine-tuning or a PEFT adapter, trained by torch AdamW: each trained tensor's shape, by FSDP2 unit."""
+def _dense_plan(model, method: str, cfg: LiftConfig, shards: int, quantized: bool = False) -> _Plan:
+    """Full fine-tuning or a PEFT adapter, trained by torch AdamW: each trained tensor's shape, by FSDP2 unit; on a
+    4-bit base, bitsandbytes dequantizes one target's weight at a time."""
     units = _unit_of(model)
     if method == "full":
         trained = [(tuple(p.shape), units.get(id(p), 0)) for p in model.parameters()]
@@ -294,6 +312,7 @@ def _dense_plan(model, method: str, cfg: LiftConfig, shards: int) -> _Plan:
         scattered=sum(math.prod(shape) for shape, _ in trained),
         trained_per_unit=per_unit,
         extra_weights=0 if method == "full" else FP32 * sum(local),
+        dense_gradient=quantized * max(p.numel() * p.element_size() for p in find_targets(model).values()),
     )
 
 
@@ -303,29 +322,6 @@ def _adapter_shapes(model, name: str, weight, rank: int, dora: bool) -> list[tup
     out_features, in_features = (module.out_features, module.in_features) if isinstance(module, torch.nn.Linear) \
         else (weight.shape[1], weight.shape[0])  # transformers' Conv1D stores its weight as (in, out)
     return [(rank, in_features), (out_features, rank)] + [(out_features,)] * dora
-
-
-def _communication(model, plan: _Plan, gpus: int, fsdp: bool, element_bytes: int) -> dict:
-    if gpus == 1:
-        return {}
-    if not fsdp:
-        return {"all-reduce gradients (fp32)": FP32 * sum(plan.reduced),
-                "all-reduce loop totals (fp64)": LOOP_TOTALS_BYTES}
-    units = _unit_numels(model)
-    return {
-        f"all-gather parameters ({'bf16' if element_bytes == 2 else 'fp32'})":
-            element_bytes * (2 * sum(units[1:]) + units[0]),
-        "reduce-scatter gradients (fp32)": FP32 * plan.scattered,
-        "all-reduce loop totals (fp64)": LOOP_TOTALS_BYTES,
-    }
-
-
-def _link_bytes(communication: dict, gpus: int) -> int:
-    """Bytes through each GPU's link for ``communication`` with ring algorithms: 2(N-1)/N of an all-reduce's
-    tensor, (N-1)/N of an all-gather's or reduce-scatter's whole tensor."""
-    share = (gpus - 1) / gpus
-    return round(sum(size * (2 * share if name.startswith("all-reduce") else share)
-                     for name, size in communication.items()))
 
 
 def _method_activations(model, method: str, cfg: LiftConfig, tokens: int, mixed: bool, checkpointing: bool) -> int:

@@ -7,6 +7,7 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 
 
 from liftft.training.calibration import calibration_batches_for
+from liftft.utils.quantization import check_4bit_settings, require_bitsandbytes
 from liftft.engine.config import LiftConfig, clip_norm
 from liftft.engine.loss import check_loss_mode
 from liftft.engine.methods import METHODS, PEFT_METHODS, SPARSE_SELECTORS, method_config
@@ -16,6 +17,9 @@ from liftft.training.reporting import check_report_to
 # "loss" is among them: its modes differ by float rounding only.
 _RESUMABLE = ("resume", "merge", "progress", "save_steps", "save_total_limit", "dist_timeout", "loss", "report_to",
               "logging_steps", "eval_steps")
+# Recorded settings that --resume may change all the same (the learning rate and the schedule's length, e.g. to
+# continue a diverged run at a lower lr); run.json records each change and the step it took effect at.
+RESCHEDULABLE = ("lr", "max_steps", "epochs")
 
 
 @dataclass
@@ -29,7 +33,10 @@ class TrainArgs:
     :meth:`lift_config`. ``max_grad_norm`` is stored as
     :func:`liftft.engine.config.clip_norm` reads it: 0 becomes None, no clipping.
     ``loss`` is the mode of :func:`liftft.engine.loss.causal_lm_loss_sum` (chunked,
-    full or liger). ``fsdp`` shards the model with FSDP2 (:mod:`liftft.training.fsdp`),
+    full or liger). ``load_in_4bit`` loads the base with bitsandbytes in 4 bits
+    (``bnb_4bit_quant_type``, ``use_bnb_nested_quant``; :mod:`liftft.utils.quantization`):
+    the sparse methods are then QLIFT, lora and dora QLoRA and QDoRA.
+    ``fsdp`` shards the model with FSDP2 (:mod:`liftft.training.fsdp`),
     for the sparse methods. ``data_split``, ``data_config`` and ``columns``
     are :func:`liftft.data.records.load_records`' ``split``, ``config`` and ``columns``.
     ``calibration_batches`` is for method ``gradient`` (default
@@ -58,6 +65,9 @@ class TrainArgs:
     max_grad_norm: float | None = 1.0
     step_in_backward: bool = False
     fsdp: bool = False
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    use_bnb_nested_quant: bool = False
     bf16: bool | None = None
     gradient_checkpointing: bool = False
     loss: str = "chunked"
@@ -118,6 +128,10 @@ class TrainArgs:
         check_loss_mode(self.loss)
         if self.step_in_backward:
             self._check_step_in_backward()
+        check_4bit_settings(self.method, fsdp=self.fsdp, load_in_4bit=self.load_in_4bit,
+                            quant_type=self.bnb_4bit_quant_type, nested=self.use_bnb_nested_quant)
+        if self.load_in_4bit:
+            require_bitsandbytes()
         if self.fsdp:
             self._check_fsdp()
 

@@ -19,21 +19,23 @@ from liftft.deltas.card import CARD_FILE, write_model_cards
 from liftft.data.batches import encode_dataset, load_records, split_validation
 from liftft.deltas.delta import DELTA_FILE, META_FILE, save_delta
 from liftft.training.fsdp import gathered_model, load_sharded
+from liftft.utils.quantization import bnb_config
 from liftft.utils.hf import load_model, load_tokenizer, set_activation_checkpointing
-from liftft.training.args import TrainArgs, record_defaults
+from liftft.training.args import RESCHEDULABLE, TrainArgs, record_defaults
 from liftft.training.loop import TrainingLoop
 from liftft.deltas.merge import merge_delta
 from liftft.engine.methods import SPARSE_SELECTORS, setup_method
 from liftft.engine.preflight import check_budget, meta_model
-from liftft.training.reporting import Reporter, open_reporter
+from liftft.training.reporting import WANDB_RUN_FILE, Reporter, open_reporter
 
 logger = logging.getLogger("liftft")
 
 RUN_FILE = run_dir.RUN_FILE
 MERGED_DIR = "merged"
+LOG_NAME = "train.log"
 ADAPTER_DIR = "adapter"
 # Everything `liftft train` writes in its output dir besides checkpoints and logs.
-OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, CARD_FILE, MERGED_DIR, ADAPTER_DIR)
+OUTPUT_NAMES = (RUN_FILE, DELTA_FILE, META_FILE, CARD_FILE, MERGED_DIR, ADAPTER_DIR, WANDB_RUN_FILE)
 def resolve_device(device: str) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; under a multi-process launcher, CUDA is this process's GPU."""
     if device == "auto":
@@ -80,34 +82,37 @@ def _run_training(args: TrainArgs, device: torch.device):
     created = not out.exists()
     lock = run_dir.take(out)
     try:
-        run_dir.check_continues(out, args.run_record(), record_defaults(), args.resume)
+        changed = run_dir.check_continues(out, args.run_record(), record_defaults(), args.resume,
+                                          changeable=RESCHEDULABLE)
+        split_validation(records, args.val_size, args.seed)  # a --val-size the data cannot spare, before any work
         budget_note = check_budget(meta_model(args.model), args.lift_config(), args.method in SPARSE_SELECTORS)
         distributed.barrier()  # every rank has read the output dir before rank 0 writes to it
         if main:
             _announce(args, budget_note, run_dir.remove_run_leftovers(out, OUTPUT_NAMES))
-        return _train_in(args, device, out, records)
+        return _train_in(args, device, out, records, changed)
     except BaseException:
         if created and lock is not None:
             run_dir.release(lock)
-            run_dir.remove_if_empty(out)
+            run_dir.remove_if_empty(out, log_name=LOG_NAME)
         raise
     finally:
         if lock is not None:
             run_dir.release(lock)
 
 
-def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[dict]):
+def _train_in(args: TrainArgs, device: torch.device, out: Path, records: list[dict], changed: dict):
     """Train in ``out``, logging to DIR/train.log from the first step of the work on (rank 0)."""
     handler = _log_to(out) if distributed.is_main_process() else logging.NullHandler()
     try:
         logger.info("liftft train %s: %s", version("liftft"), json.dumps(args.run_record(), default=str))
-        return _train_logged(args, device, out, records)
+        return _train_logged(args, device, out, records, changed)
     finally:
         logger.removeHandler(handler)
         handler.close()
 
 
-def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: list[dict]):
+def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: list[dict], changed: dict):
+    """Train; ``changed`` holds the settings this resumption changed, {name: (recorded, now)}."""
     main = distributed.is_main_process()
     bf16 = args.bf16 if args.bf16 is not None else device.type == "cuda" and torch.cuda.is_bf16_supported()
 
@@ -126,15 +131,21 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} ({share})")
 
+    loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16,
+                        val_examples=val_examples)
+    loop.changed = changed
+    loop.maybe_resume()
     run_info = {"args": args.run_record(), "options": args.options(), "world_size": distributed.world_size()}
+    changes = run_dir.recorded_changes(out) + ([_change_record(changed, loop.step + 1)] if changed else [])
+    if changes:  # each change of --lr or the length on --resume, and the first step that ran with it
+        run_info["changes"] = changes
     if main:
         write_json_atomic(out / RUN_FILE, {**run_info, "status": "running", "data": data_stats,
                                            "trainable": setup.trainable})
     settings = {**run_info["args"], **run_info["options"]}
-    with open_reporter(args.report_to, out, settings) if main else Reporter() as reporter:
-        loop = TrainingLoop(args, model, setup, train_examples, tokenizer.pad_token_id, device, bf16,
-                            val_examples=val_examples, reporter=reporter)
-        loop.maybe_resume()
+    resumed_at = loop.step if args.resume else None
+    with open_reporter(args.report_to, out, settings, resumed_at=resumed_at) if main else Reporter() as reporter:
+        loop.reporter = reporter
         metrics = loop.run()
     metrics.update(trainable=setup.trainable, data=data_stats)
     if main or args.fsdp:  # under FSDP2 every rank contributes its rows or shards to what rank 0 writes
@@ -147,11 +158,20 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     return model, metrics
 
 
+def _change_record(changed: dict, first_step: int) -> dict:
+    """run.json's record of one resumption's changed settings: ``{"first_step": 2, "lr": {"from": 1e10, "to":
+    0.001}}``, ``first_step`` being the first optimizer step that ran with the new values."""
+    return {"first_step": first_step, **{name: {"from": old, "to": new} for name, (old, new) in changed.items()}}
+
+
 def _load_base(args: TrainArgs, dtype: torch.dtype, device: torch.device, bf16: bool):
-    """The base model in ``dtype`` on ``device``: whole, or under --fsdp sharded as it loads (rank 0 reads it)."""
+    """The base model in ``dtype`` on ``device``: whole, under --fsdp sharded as it loads (rank 0 reads it), or under
+    --load-in-4bit quantized as it loads, its 4-bit layers computing in bf16 with --bf16, else in fp32."""
     if args.fsdp:
         return load_sharded(args.model, dtype, device, bf16, checkpointing=args.gradient_checkpointing)
-    model = load_model(args.model, dtype=dtype, device=device)
+    quantization = bnb_config(args.bnb_4bit_quant_type, args.use_bnb_nested_quant,
+                              torch.bfloat16 if bf16 else torch.float32) if args.load_in_4bit else None
+    model = load_model(args.model, dtype=dtype, device=device, quantization_config=quantization)
     if args.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     return model
@@ -184,7 +204,7 @@ def _prepare_data(args: TrainArgs, records: list[dict], tokenizer):
 
 
 def _log_to(out: Path) -> logging.Handler:
-    handler = logging.FileHandler(out / "train.log")
+    handler = logging.FileHandler(out / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -197,9 +217,10 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
     model = setup.model
     if setup.kind == "sparse":
         save_delta(setup.optimizer, out, base_model=args.model, training_args=args.run_record(), metrics=metrics)
-        if args.merge and args.fsdp and distributed.is_main_process():
-            merge_delta(args.model, str(out), str(out / MERGED_DIR))  # the base plus the delta, on the CPU
-        elif args.merge and not args.fsdp:
+        # Sharded or 4-bit, the model in memory is not the 16-bit model to write: the base plus the delta, on the CPU.
+        if args.merge and (args.fsdp or args.load_in_4bit) and distributed.is_main_process():
+            merge_delta(args.model, str(out), str(out / MERGED_DIR))
+        elif args.merge and not (args.fsdp or args.load_in_4bit):
             _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     elif setup.kind == "peft":
         with atomic_directory(out / ADAPTER_DIR) as tmp:

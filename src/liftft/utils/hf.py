@@ -85,20 +85,26 @@ def load_config(path_or_id: str):
         raise FileNotFoundError(f"cannot read the config of model {path_or_id!r}: {err}") from err
 
 
-def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_model(path_or_id: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+               quantization_config=None):
     """AutoModelForCausalLM from a hub id or local directory, in ``dtype`` on ``device``.
 
-    A local directory is checked by :func:`check_model_files` first.
+    A local directory is checked by :func:`check_model_files` first. With a
+    ``quantization_config`` (a 4-bit base, :mod:`liftft.utils.quantization`)
+    the weights are quantized as they load onto ``device``.
     """
     check_model_files(path_or_id)
+    placement = {} if quantization_config is None else {"quantization_config": quantization_config,
+                                                         "device_map": {"": str(device)}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path_or_id), **{DTYPE_KEYWORD: dtype})
+        model = AutoModelForCausalLM.from_pretrained(os.path.expanduser(path_or_id), **{DTYPE_KEYWORD: dtype},
+                                                     **placement)
     except OSError as err:
         raise FileNotFoundError(f"cannot load model {path_or_id!r}: {err}") from err
     except SafetensorError as err:
         # A hub model's cached download, which check_model_files does not read.
         raise ValueError(f"model {path_or_id!r}: a safetensors file is damaged ({err})") from err
-    return model.to(device)
+    return model if quantization_config is not None else model.to(device)
 
 
 def set_activation_checkpointing(model, enabled: bool) -> None:
