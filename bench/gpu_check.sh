@@ -123,9 +123,13 @@ fsdp_run=("$py" -m liftft train --model "$WORK/base" --data "$WORK/data.json" "$
 run_step fsdp-plain 90 "${fsdp_run[@]}" --output "$WORK/fsdp-plain"
 run_step fsdp 90 "${fsdp_run[@]}" --output "$WORK/fsdp" --fsdp
 run_step fsdp-compare 30 "$py" bench/compare_deltas.py "$WORK/fsdp-plain" "$WORK/fsdp" --json "$OUT/fsdp-compare.json"
-# Last: at this shape lift's bench also times exact SVDs of all 224 matrices, so it takes whatever time is left.
 # At 8B, lift's timings of every selection variant (exact SVDs of 224 matrices, twice) would take minutes.
 bench_extra=(--no-selection-timings)
+# The 24 GB question (issue 23): QLIFT against QLoRA on a bitsandbytes 4-bit base; needs bitsandbytes installed.
+bench_extra+=(--load-in-4bit)
+bench_step bench-8b-4bit-1x2048 150 1 2048 "$model_8b" floor,lora,lift
+bench_extra=(--no-selection-timings)
+# Last: it takes whatever time is left.
 bench_step bench-8b-1x2048 "$DEADLINE_S" 1 2048 "$model_8b" floor,lora,lift
 
 timeout 120 "$py" bench/gpu_summary.py "$OUT" --device "$device" --invocation "$invocation" >>"$LOG" 2>&1 || failed=1

@@ -59,3 +59,24 @@ def test_settings_liftft_cannot_run_are_refused_in_one_line(capsys, flags, messa
     assert main(["estimate", "--model-config", "tiny", *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_bench_quantizes_a_model_as_transformers_loads_it_in_4bit(tmp_path, nested):
+    from liftft.planning.quantized import quantize_4bit
+
+    model = tiny_llama(vocab_size=96, hidden_size=64, intermediate_size=128)
+    model.save_pretrained(tmp_path)
+    quantize_4bit(model, "nf4", nested, torch.device("cpu"))
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=nested,
+                                bnb_4bit_compute_dtype=torch.float32)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=config, dtype=torch.float32)
+    ours, theirs = dict(model.named_modules()), dict(loaded.named_modules())
+    quantized = [name for name, module in theirs.items() if type(module).__name__ == "Linear4bit"]
+    assert quantized and [n for n, m in ours.items() if type(m).__name__ == "Linear4bit"] == quantized
+    for name in quantized:
+        a, b = ours[name].weight, theirs[name].weight
+        assert torch.equal(a.data, b.data) and torch.equal(a.quant_state.absmax, b.quant_state.absmax), name
+    ids = torch.tensor([[1, 5, 9, 14]])
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)

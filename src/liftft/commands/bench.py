@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 
-from liftft.commands import comma_list
+from liftft.commands import add_4bit_flags, comma_list
 from liftft.planning.shapes import MODEL_CONFIGS
 
 PRESETS = ", ".join(MODEL_CONFIGS)
 
-ALL_METHODS = "floor, full, lora, lift, lift-sampled, lift-in-backward"
+ALL_METHODS = "floor, full, lora, dora, lift, lift-sampled, lift-in-backward"
 
 
 def register(subparsers) -> None:
@@ -24,8 +24,9 @@ def register(subparsers) -> None:
     p.add_argument("--model-config", default="tiny",
                    help=f"model shape: a preset ({PRESETS}) or PATH to a config.json file or a directory holding one "
                    "(default: tiny)")
-    p.add_argument("--methods", type=comma_list, default="floor,full,lora,lift",
-                   help=f"comma-separated methods, from: {ALL_METHODS} (default: %(default)s)")
+    p.add_argument("--methods", type=comma_list,
+                   help=f"comma-separated methods, from: {ALL_METHODS} (default: floor,full,lora,lift; with "
+                   "--load-in-4bit floor,lora,dora,lift)")
     p.add_argument("--batch-size", type=int, default=4, help="sequences per step (default: 4)")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per sequence (default: 1024)")
     p.add_argument("--timed-steps", "--steps", dest="steps", type=int, default=10,
@@ -48,22 +49,25 @@ def register(subparsers) -> None:
     p.add_argument("--no-selection-timings", dest="selection_timings", action="store_false",
                    help="skip lift's extra timings of every selection variant (exact and randomized SVD, batched and "
                    "one by one), which take minutes at the 8B shape")
+    add_4bit_flags(p, "benchmark on")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     """Run the benchmark, print its table and write --output; returns the exit code."""
-    from liftft.planning.bench import BenchSettings, format_table, run_bench
+    from liftft.planning.bench import DEFAULT_4BIT_METHODS, DEFAULT_METHODS, BenchSettings, format_table, run_bench
 
     if args.output is not None:
         parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.output)))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"--output {args.output!r}: directory {parent} does not exist")
     settings = BenchSettings(
-        model_config=args.model_config, methods=args.methods, batch_size=args.batch_size, seq_len=args.seq_len,
+        model_config=args.model_config, batch_size=args.batch_size, seq_len=args.seq_len,
+        methods=args.methods or (DEFAULT_4BIT_METHODS if args.load_in_4bit else DEFAULT_METHODS),
         steps=args.steps, warmup=args.warmup, rank=args.rank, filter_rank=args.filter_rank,
         gradient_checkpointing=args.gradient_checkpointing, device=args.device, dtype=args.dtype, seed=args.seed,
-        loss=args.loss, selection_timings=args.selection_timings,
+        loss=args.loss, selection_timings=args.selection_timings, load_in_4bit=args.load_in_4bit,
+        bnb_4bit_quant_type=args.bnb_4bit_quant_type, use_bnb_nested_quant=args.use_bnb_nested_quant,
     )
     report = run_bench(settings, progress=_print_progress)
     print(format_table(report))

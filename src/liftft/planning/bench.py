@@ -5,7 +5,10 @@ downloaded) on the same random tokens: ``floor`` (frozen weights, a full
 backward through the activations: the cost every method pays), ``full``
 (torch AdamW, fused on CUDA), ``lora`` (PEFT LoRA at r = rank on the LIFT
 targets), ``lift`` (LiftAdamW at the same rank, so the same trainable count)
-and, on request, ``lift-sampled`` (lift with ``sampled_grad=True``). Each step's loss is
+and, on request, ``dora`` and ``lift-sampled`` (lift with ``sampled_grad=True``).
+With ``load_in_4bit`` the model's linear layers but the head are quantized
+with bitsandbytes first, as ``load_in_4bit`` loading does: lift is then QLIFT,
+lora and dora QLoRA and QDoRA. Each step's loss is
 :func:`liftft.engine.loss.causal_lm_loss_sum` in the ``loss`` setting's mode (chunked by default).
 
 Each method runs in a fresh process forked from a server that has only
@@ -26,12 +29,15 @@ from typing import Callable
 import torch
 
 from liftft.planning.bench_memory import max_rss, peak_memory
+from liftft.planning.quantized import quantize_4bit
 from liftft.utils.hf import set_activation_checkpointing
 from liftft.engine.loss import causal_lm_loss_sum, check_loss_mode, loss_path
+from liftft.utils.quantization import check_4bit_settings, require_bitsandbytes
 from liftft.planning.shapes import MODEL_CONFIGS, model_config  # noqa: F401 - MODEL_CONFIGS: liftft.planning.bench's name for the presets
 
-METHODS = ("floor", "full", "lora", "lift", "lift-sampled", "lift-in-backward")
+METHODS = ("floor", "full", "lora", "dora", "lift", "lift-sampled", "lift-in-backward")
 DEFAULT_METHODS = ("floor", "full", "lora", "lift")
+DEFAULT_4BIT_METHODS = ("floor", "lora", "dora", "lift")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 LIFT_METHODS = ("lift", "lift-sampled", "lift-in-backward")
 # Timing does not depend on the learning rate; any fixed value will do.
@@ -56,9 +62,17 @@ class BenchSettings:
     seed: int = 0
     loss: str = "chunked"
     selection_timings: bool = True
+    load_in_4bit: bool = False
+    bnb_4bit_quant_type: str = "nf4"
+    use_bnb_nested_quant: bool = False
 
     def __post_init__(self):
         self.methods = tuple(self.methods)
+        for method in self.methods:
+            check_4bit_settings(method, fsdp=False, load_in_4bit=self.load_in_4bit,
+                                quant_type=self.bnb_4bit_quant_type, nested=self.use_bnb_nested_quant)
+        if self.load_in_4bit:
+            require_bitsandbytes()
         if not self.methods:
             raise ValueError(f"--methods is empty; choose from {', '.join(METHODS)}")
         for method in self.methods:
@@ -143,6 +157,8 @@ def bench_method(method: str, settings: dict) -> dict:
     config = model_config(s.model_config)
     model = build_model(config, dtype, device, s.seed)
     model_info = {"parameters": sum(p.numel() for p in model.parameters()), "config": _shape_of(config)}
+    if s.load_in_4bit:
+        quantize_4bit(model, s.bnb_4bit_quant_type, s.use_bnb_nested_quant, device)
     if s.gradient_checkpointing:
         set_activation_checkpointing(model, True)
     model.train()
@@ -177,7 +193,7 @@ def bench_method(method: str, settings: dict) -> dict:
         result["baseline_rss_bytes"] = baseline
     if method in LIFT_METHODS:
         result.update(_lift_figures(optimizer, setup_s, device))
-    if method == "lift" and s.selection_timings:
+    if method == "lift" and s.selection_timings and not s.load_in_4bit:  # QLIFT's refresh time is above
         result["selection"] = selection_timings(model, s.rank, s.filter_rank, device)
     return result
 
@@ -218,7 +234,7 @@ def ratios(methods: dict) -> dict:
     """tokens/s, peak memory and step time of each lift method relative to full, lora and floor, where measured."""
     out = {}
     for lift in LIFT_METHODS:
-        for peer in ("full", "lora", "floor"):
+        for peer in ("full", "lora", "dora", "floor"):
             if lift in methods and peer in methods:
                 a, b = methods[lift], methods[peer]
                 out[f"{lift}/{peer}"] = {
@@ -333,6 +349,9 @@ def _lift_figures(optimizer, setup_s: float, device) -> dict:
     refresh_s = _timed(optimizer.refresh, device)
     state_bytes = sum(t.numel() * t.element_size() for state in optimizer.state.values()
                       for key, t in state.items() if torch.is_tensor(t) and key not in HOST_STATE)
+    # A 4-bit target's trained values and their indices live beside its packed weight.
+    state_bytes += sum(t.numel() * t.element_size() for name in optimizer.target_names
+                       if (target := optimizer.quantized_target(name)) is not None for t in (target.values, target.index))
     return {
         "selection_init_s": setup_s,
         "selection_refresh_s": refresh_s,

@@ -1,4 +1,5 @@
-"""The bytes of a model loaded with bitsandbytes 4-bit (``BitsAndBytesConfig(load_in_4bit=True)``), from its shapes.
+"""A model as bitsandbytes 4-bit loading leaves it (``BitsAndBytesConfig(load_in_4bit=True)``): the bytes it holds,
+from its shapes alone (for `liftft estimate`), and a random model quantized in place (for `liftft bench`).
 
 transformers quantizes every ``nn.Linear`` but the output embedding; each becomes
 a ``Linear4bit`` holding, as bitsandbytes 0.49 and later lay it out:
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 
 FOUR_BIT_ASSUMPTION = ("4-bit base as bitsandbytes loads it: every linear layer but the head packed, with its "
@@ -55,3 +57,24 @@ def model_bytes(model: nn.Module, nested: bool, rest_bytes: int | None = None) -
     return sum(packed_bytes(tuple(p.shape), nested) if id(p) in quantized
                else p.numel() * (p.element_size() if rest_bytes is None else rest_bytes)
                for p in model.parameters())
+
+
+@torch.no_grad()
+def quantize_4bit(model, quant_type: str, nested: bool, device: torch.device) -> None:
+    """Replace every nn.Linear of ``model`` but its head by a bitsandbytes ``Linear4bit`` holding its weight
+    quantized, computing in the model's dtype, as transformers' ``load_in_4bit`` loading leaves a model."""
+    import bitsandbytes as bnb
+
+    head = model.get_output_embeddings()
+    linears = [(name, module) for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not head]
+    for name, linear in linears:
+        quantized = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                                      compute_dtype=linear.weight.dtype, quant_type=quant_type,
+                                      compress_statistics=nested, device="meta")
+        quantized.weight = bnb.nn.Params4bit(linear.weight.data, requires_grad=False, quant_type=quant_type,
+                                             compress_statistics=nested)
+        if linear.bias is not None:
+            quantized.bias = torch.nn.Parameter(linear.bias.data, requires_grad=False)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, quantized.to(device))
