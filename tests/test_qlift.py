@@ -136,6 +136,8 @@ def test_training_equals_lift_on_the_dequantized_weights(base_path, quant_type, 
     ref_opt = liftft.LiftAdamW(reference, liftft.LiftConfig(**settings, sampled_grad=True), lr=1e-2, weight_decay=0.1,
                                max_grad_norm=1.0, scores=ref_scores)
     assert opt.target_names == ref_opt.target_names and len(opt.target_names) == 14
+    # counted as PEFT counts a 4-bit model: each packed weight as the matrix it stands for
+    assert liftft.trainable_parameters(model, opt) == liftft.trainable_parameters(reference, ref_opt)
 
     losses = train(model, opt, 7)
     train(reference, ref_opt, 7)

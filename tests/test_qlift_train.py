@@ -53,6 +53,8 @@ def test_a_qlift_run_writes_a_delta_and_the_16bit_model_it_trained(base_dir, dat
     merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
     assert "quantization_config" not in merged.config.to_dict()
     assert torch.equal(logits(merged, IDS), logits(applied, IDS))
+    assert torch.equal(logits(liftft.from_pretrained(out), IDS), logits(applied, IDS))
+    assert "trained on a 4-bit base (bitsandbytes nf4, nested quantization)" in (out / "README.md").read_text()
     assert not torch.equal(logits(merged, IDS), logits(load_4bit(base_dir, nested=True), IDS))
 
 

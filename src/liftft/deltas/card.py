@@ -101,6 +101,12 @@ def _method_facts(meta: dict, method: str) -> list[str]:
             facts.append(f"selection refreshed every {interval} steps" if interval else "selection never refreshed")
     if method != "full" and "target_modules" in config:
         facts.append(f"target modules: {config['target_modules']}")
+    quantization = meta.get("quantization")
+    if quantization:
+        nested = ", nested quantization" * bool(quantization.get("bnb_4bit_use_double_quant"))
+        facts.append(f"trained on a 4-bit base (bitsandbytes {quantization.get('bnb_4bit_quant_type')}{nested}): "
+                     "the delta is relative to the dequantized weights, and `liftft.from_pretrained` gives the 16-bit "
+                     "model it trained")
     trainable = meta.get("metrics", {}).get("trainable")
     if trainable is not None:
         facts.append(f"trained values per step: {trainable:,}")

@@ -25,6 +25,7 @@ from liftft.utils.atomic import atomic_write, write_json_atomic
 from liftft.deltas.checks import checked_entries, read_meta, read_tensors
 from liftft.engine.layout import compress, index_dtype
 from liftft.engine.quantized import load_hint, quantized_targets
+from liftft.utils.quantization import load_settings
 
 DELTA_FILE = "delta.safetensors"
 META_FILE = "liftft.json"
@@ -88,8 +89,7 @@ def _local_delta(opt) -> Delta:
     meta = {"format_version": EXACT_FORMAT if exact else 2, "config": opt.cfg.to_dict(), "weights": weights}
     quantized = [info["quantization"] for info in weights.values() if "quantization" in info]
     if quantized:
-        meta["quantization"] = {"load_in_4bit": True, "bnb_4bit_quant_type": quantized[0]["quant_type"],
-                                "bnb_4bit_use_double_quant": quantized[0]["nested"]}
+        meta["quantization"] = load_settings(quantized[0]["quant_type"], quantized[0]["nested"])
     return Delta(entries, meta, exact)
 
 

@@ -233,6 +233,8 @@ class LiftAdamW(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
         self.state.update({p: loaded_state(saved[i], p) for i, p in enumerate(params) if i in saved})
+        for key, target in self._quantized.items():  # entries selected in the saved state and never trained here
+            target.include(flat_indices(self.state[key], key.shape[1]))
 
     # ----- internals -----
 

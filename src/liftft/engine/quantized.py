@@ -14,6 +14,7 @@ holds no storage, and steps its trained values in place of a weight's.
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Callable
 
 import torch
@@ -184,6 +185,13 @@ class QuantizedLinearFunction(torch.autograd.Function):
         if ctx.target.sink is not None:
             ctx.target.sink(ctx.target.key, grad_output, x)
         return grad_x, None, grad_bias, None
+
+
+def parameter_count(model: nn.Module) -> int:
+    """The values of ``model``'s parameters, each 4-bit weight counted as the matrix it stands for (as PEFT counts
+    them), not as its packed bytes."""
+    return sum(math.prod(p.quant_state.shape) if getattr(p, "quant_state", None) is not None else p.numel()
+               for p in model.parameters())
 
 
 def quantized_targets(model: nn.Module, names) -> dict[str, QuantizedTarget]:

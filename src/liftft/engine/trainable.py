@@ -13,6 +13,7 @@ from torch import nn
 
 from liftft.utils import distributed
 from liftft.engine.optim import LiftAdamW
+from liftft.engine.quantized import parameter_count
 
 
 def trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> tuple[int, int]:
@@ -22,9 +23,10 @@ def trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer | No
     (as accelerate's does; TypeError otherwise), the trained values are its
     selected entries plus its dense params, summed over the ranks when its
     targets are FSDP2-sharded (a collective then). Without one, the values of
-    the parameters that require gradients.
+    the parameters that require gradients. A 4-bit weight counts as the
+    matrix it stands for.
     """
-    total = sum(p.numel() for p in model.parameters())
+    total = parameter_count(model)
     if optimizer is None:
         return sum(p.numel() for p in model.parameters() if p.requires_grad), total
     optimizer = unwrap_lift_optimizer(optimizer)

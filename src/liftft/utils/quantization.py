@@ -43,6 +43,11 @@ def check_4bit_settings(method: str, *, fsdp: bool, load_in_4bit: bool, quant_ty
                          "and torchrun/accelerate launch still split the batches")
 
 
+def load_settings(quant_type: str, nested: bool) -> dict:
+    """How a 4-bit base was loaded, as a delta's liftft.json records it: ``BitsAndBytesConfig``'s own keywords."""
+    return {"load_in_4bit": True, "bnb_4bit_quant_type": quant_type, "bnb_4bit_use_double_quant": nested}
+
+
 def bnb_config(quant_type: str, nested: bool, compute_dtype: torch.dtype):
     """transformers' ``BitsAndBytesConfig`` for a 4-bit base computing in ``compute_dtype``."""
     require_bitsandbytes()
