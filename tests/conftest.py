@@ -1,9 +1,11 @@
-"""Shared fixtures: tiny models built from a config and a tokenizer trained locally."""
+"""Shared fixtures: tiny models built from a config, a tokenizer trained locally, the LLM-Adapters excerpts the
+repository holds; and the rule that a test skips only for want of a GPU or of the paper's full data."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -27,7 +29,20 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from tokenizers.processors import TemplateProcessing
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
+# The tests read only what the repository holds: excerpts of the paper's LLM-Adapters data, a few dozen records per
+# file (tests/fixtures/llm-adapters/SOURCE.md says which and why).
+DATA = Path(__file__).resolve().parent / "fixtures" / "llm-adapters"
+# The paper's full files stay outside the repository: $LIFTFT_FULL_DATA, else ../shared/data/llm-adapters beside it.
+# Only a test of the full files reads them (full_data_path); it skips, naming the path, where they are absent.
+FULL_DATA = Path(os.environ.get("LIFTFT_FULL_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data"
+                 / "llm-adapters").absolute()
+
+# A test may skip only for want of a GPU or of the full data, so that a new dependency on anything else (a file
+# outside the repository, a package the test extra should install) fails the run instead of quietly skipping:
+# a skip's reason must name CUDA or a GPU, or the full data's path (as full_data_path's does). Any other skip is
+# reported as a failure; more than MAX_SKIPS skips in a run fail it too.
+ALLOWED_SKIP = re.compile(r"\b(?:CUDA|GPUs?)\b|" + re.escape(str(FULL_DATA)))
+MAX_SKIPS = 25
 
 
 def tiny_llama(seed: int = 0, vocab_size: int = 512, dtype=torch.float32, **overrides) -> LlamaForCausalLM:
@@ -106,25 +121,34 @@ def train_tokenizer(texts, vocab_size: int = 512) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def shared_path(*parts: str) -> Path:
-    """A path under ../shared/data/llm-adapters; the test that asks for it is skipped, naming it, when it is absent."""
-    path = SHARED_DATA.joinpath(*parts)
-    if not path.exists():
-        pytest.skip(f"{path} is missing: this test reads the paper's LLM-Adapters data from ../shared beside the repo")
+def data_path(*parts: str) -> Path:
+    """A path under the excerpts of the LLM-Adapters data that the repository holds (tests/fixtures/llm-adapters)."""
+    path = DATA.joinpath(*parts)
+    assert path.exists(), f"{path} is missing: tests/fixtures/llm-adapters/make_excerpts.py writes the excerpts"
     return path
 
 
-def math_records(n: int = 16) -> list[dict]:
-    """The first ``n`` records of the paper's math training set (../shared)."""
-    with open(shared_path("train", "math_data.json")) as f:
-        return json.load(f)[:n]
+def full_data_path(*parts: str) -> Path:
+    """A path under the paper's full LLM-Adapters data (FULL_DATA); the test is skipped, naming it, when absent."""
+    path = FULL_DATA.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"{path} is missing: this test reads the paper's full LLM-Adapters data (set $LIFTFT_FULL_DATA)")
+    return path
+
+
+def math_records(n: int | None = None) -> list[dict]:
+    """The first ``n`` (default all) records of the excerpt of the paper's math training set."""
+    with open(data_path("train", "math_data.json")) as f:
+        records = json.load(f)
+    assert n is None or n <= len(records), f"the excerpt holds {len(records)} records, not {n}"
+    return records[:n]
 
 
 @pytest.fixture(scope="session")
 def tokenizer():
     from liftft.data.template import build_prompt
 
-    texts = [build_prompt(r) + r["output"] for r in math_records(200)]
+    texts = [build_prompt(r) + r["output"] for r in math_records()]
     return train_tokenizer(texts)
 
 
@@ -144,7 +168,7 @@ def base_dir(tmp_path_factory, tokenizer):
 
 @pytest.fixture(scope="session")
 def data_file(tmp_path_factory):
-    """12 records of the paper's math training set."""
+    """12 records of the excerpt of the paper's math training set."""
     path = tmp_path_factory.mktemp("data") / "math.json"
     path.write_text(json.dumps(math_records(12)))
     return path
@@ -204,3 +228,54 @@ def run_interrupted(monkeypatch, step: int, run) -> None:
         patch.setattr(TrainingLoop, "train_step", stop)
         with pytest.raises(KeyboardInterrupt):
             run()
+
+
+# ------------------------------------------------------------- skips: only for want of a GPU or of the full data
+
+
+def _unallowed_skip(report) -> str | None:
+    """The reason of a skip that ALLOWED_SKIP does not allow, else None (also for a report that is no skip)."""
+    if not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+    return None if ALLOWED_SKIP.search(reason) else reason
+
+
+_skipped: list[str] = []  # the node ids of this run's allowed skips
+
+
+def _check_skip(report) -> None:
+    """Count an allowed skip; turn any other into a failure that says why."""
+    reason = _unallowed_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = (f"{reason}\nA test may skip only for want of a GPU or of the paper's full data "
+                           f"({FULL_DATA}); its reason must name CUDA, a GPU or that path (tests/conftest.py, "
+                           "ALLOWED_SKIP). Install what it needs, or ship the data it reads under tests/fixtures.")
+    elif report.skipped and not hasattr(report, "wasxfail"):
+        _skipped.append(report.nodeid)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    _check_skip(report)
+    return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_make_collect_report(collector):
+    report = yield  # a module that skips itself (pytest.importorskip at its top) is skipped here
+    _check_skip(report)
+    return report
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if len(_skipped) > MAX_SKIPS and exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if len(_skipped) > MAX_SKIPS:
+        terminalreporter.write_line(f"{len(_skipped)} tests skipped, more than MAX_SKIPS={MAX_SKIPS} "
+                                    "(tests/conftest.py): the run fails", red=True)

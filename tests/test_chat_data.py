@@ -72,19 +72,18 @@ def test_a_final_user_turn_is_left_out_and_empty_answers_are_skipped(chat_tokeni
     assert with_question == expected_example(tok, CONVERSATION_PIECES)
     blank = [*CONVERSATION[1:2], {"role": "assistant", "content": "  "}]
     examples, stats = encode_dataset([{"messages": CONVERSATION}, {"messages": blank}], tok)
-    assert stats == {"examples": 1, "truncated": 0, "skipped": 1, "empty": 1}
+    assert stats == {"examples": 1, "truncated": 0, "skipped": 1, "empty": 1, "no_context": 0}
 
 
-def test_a_long_conversation_loses_its_start_never_its_last_answer(chat_tokenizer):
+def test_a_long_conversation_loses_whole_first_turns_never_its_system_prompt_or_last_answer(chat_tokenizer):
+    # More cases in tests/test_chat_truncation.py.
     tok = chat_tokenizer
     full = expected_example(tok, CONVERSATION_PIECES)
-    last_answer = len(tok("Fine, thanks.<|end|>\n", add_special_tokens=False)["input_ids"])
-    cue = len(tok("<|assistant|>\n", add_special_tokens=False)["input_ids"])
-    shortest = 1 + cue + last_answer
-    cut = encode_example({"messages": CONVERSATION}, tok, max_seq_len=shortest)
-    assert cut == {"input_ids": [BOS] + full["input_ids"][-(shortest - 1) :],
-                   "labels": [IGNORE_INDEX] + full["labels"][-(shortest - 1) :]}
-    assert encode_example({"messages": CONVERSATION}, tok, max_seq_len=shortest - 1) is None
+    last = expected_example(tok, [("<s><|system|>\nBe brief.<|end|>\n<|user|>\nThanks. How are you?<|end|>\n"
+                                   "<|assistant|>\n", False), ("Fine, thanks.<|end|>\n", True)])
+    assert encode_example({"messages": CONVERSATION}, tok, max_seq_len=len(full["input_ids"]) - 1) == last
+    assert encode_example({"messages": CONVERSATION}, tok, max_seq_len=len(last["input_ids"])) == last
+    assert encode_example({"messages": CONVERSATION}, tok, max_seq_len=len(last["input_ids"]) - 1) is None
 
 
 def test_without_a_chat_template_messages_are_refused(tokenizer):
@@ -202,7 +201,8 @@ def test_cli_trains_on_mapped_parquet_conversations_and_records_the_data_options
     run = json.loads((out / "run.json").read_text())
     assert run["args"]["columns"] == {"messages": "dialogue"} and run["args"]["data_split"] == "train"
     assert run["args"]["data_config"] is None
-    assert run["metrics"]["data"] == {"examples": 1, "truncated": 0, "skipped": 0, "empty": 0}
+    assert run["metrics"]["data"] == {"examples": 1, "truncated": 0, "skipped": 0, "empty": 0,
+                                      "no_context": 0}
     # The one step saw the whole dialogue, not the shorter conversation in the column named messages.
     assert run["metrics"]["tokens"] == len(expected_example(chat_tokenizer, CONVERSATION_PIECES)["input_ids"])
     capsys.readouterr()

@@ -8,7 +8,7 @@ import re
 import datasets
 import pytest
 import torch
-from conftest import math_records, sentencepiece_style, shared_path, tiny_llama
+from conftest import data_path, full_data_path, math_records, sentencepiece_style, tiny_llama
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from tokenizers.processors import TemplateProcessing
 from transformers import PreTrainedTokenizerFast
@@ -50,7 +50,7 @@ def record(instruction="Add 2 and 3.", output="The answer is 5.", **extra):
 
 def test_label_mask_is_exact_where_the_seam_merges(seam_tokenizer):
     tok = seam_tokenizer
-    rec = load_records(str(shared_path("train", "math_data.json")))[0]
+    rec = load_records(str(data_path("train", "math_data.json")))[0]
     prompt, output = build_prompt(rec), rec["output"]
     assert prompt.endswith("\n") and output.startswith("\n")
     newline, double_newline = tok.convert_tokens_to_ids(["Ċ", "ĊĊ"])
@@ -77,21 +77,32 @@ def test_label_mask_is_exact_where_the_seam_merges(seam_tokenizer):
     assert labels[-1] == ids[-1] == EOS
 
 
-def test_labels_decode_to_the_output_on_the_real_math_file(tokenizer):
-    records = load_records(str(shared_path("train", "math_data.json")))
-    with open(shared_path("train", "math_data.json")) as f:
-        raw = json.load(f)
-    assert records == raw and len(records) == 3260
-    # Record 175 of the paper's training file has an empty output: skipped, not an error.
-    assert raw[175]["output"] == ""
-    examples, stats = encode_dataset(records[170:180], tokenizer, max_seq_len=2048)
-    assert stats == {"examples": 9, "truncated": 0, "skipped": 1, "empty": 1}
-    for rec, ex in zip(records[170:175] + records[176:180], examples):
+def check_labels_decode_to_the_outputs(records, tokenizer):
+    """Records 170..179 of the paper's math training file, whose 175 has an empty output: skipped, not an error."""
+    assert len(records) == 10 and records[5]["output"] == ""
+    examples, stats = encode_dataset(records, tokenizer, max_seq_len=2048)
+    assert stats == {"examples": 9, "truncated": 0, "skipped": 1, "empty": 1, "no_context": 0}
+    for rec, ex in zip(records[:5] + records[6:], examples):
         n_prompt = len(encode_prompt(tokenizer, build_prompt(rec)))
         assert ex["labels"][:n_prompt] == [-100] * n_prompt
         assert ex["labels"][n_prompt:] == ex["input_ids"][n_prompt:]
         assert tokenizer.decode(ex["labels"][n_prompt:-1]) == rec["output"]
         assert ex["labels"][-1] == tokenizer.eos_token_id
+
+
+def test_labels_decode_to_the_output_on_the_math_excerpt(tokenizer):
+    records = load_records(str(data_path("train", "math_data.json")))
+    with open(data_path("train", "math_data.json")) as f:
+        assert records == json.load(f)
+    check_labels_decode_to_the_outputs(records[-10:], tokenizer)  # the excerpt ends with records 170..179
+
+
+def test_labels_decode_to_the_output_on_the_real_math_file(tokenizer):
+    records = load_records(str(full_data_path("train", "math_data.json")))
+    with open(full_data_path("train", "math_data.json")) as f:
+        raw = json.load(f)
+    assert records == raw and len(records) == 3260
+    check_labels_decode_to_the_outputs(records[170:180], tokenizer)
 
 
 @pytest.mark.parametrize("style", ["metaspace", "prepend"])
@@ -125,8 +136,8 @@ def test_an_example_that_fits_exactly_is_not_truncated(seam_tokenizer):
     exact = 1 + seam_token_count(build_prompt(rec)) + seam_token_count(rec["output"]) + 1
     _, fits = encode_dataset([rec], seam_tokenizer, max_seq_len=exact)
     _, cut = encode_dataset([rec], seam_tokenizer, max_seq_len=exact - 1)
-    assert fits == {"examples": 1, "truncated": 0, "skipped": 0, "empty": 0}
-    assert cut == {"examples": 1, "truncated": 1, "skipped": 0, "empty": 0}
+    assert fits == {"examples": 1, "truncated": 0, "skipped": 0, "empty": 0, "no_context": 0}
+    assert cut == {"examples": 1, "truncated": 1, "skipped": 0, "empty": 0, "no_context": 0}
 
 
 def test_skips_when_response_leaves_no_room_for_the_response_cue(seam_tokenizer):
@@ -140,7 +151,7 @@ def test_skips_when_response_leaves_no_room_for_the_response_cue(seam_tokenizer)
 
     records = [record(), longest, too_long, record(output=" \n"), record()]
     examples, stats = encode_dataset(records, seam_tokenizer, max_seq_len=60)
-    assert stats == {"examples": 3, "truncated": 3, "skipped": 2, "empty": 1}
+    assert stats == {"examples": 3, "truncated": 3, "skipped": 2, "empty": 1, "no_context": 0}
     assert all(ex["input_ids"][-1] == EOS for ex in examples)
 
 
@@ -231,7 +242,7 @@ def test_split_validation_is_a_deterministic_disjoint_holdout():
 
 @pytest.mark.parametrize("size, error", [(-1, ValueError), (3, ValueError), (1.0, TypeError), (True, TypeError)])
 def test_split_validation_rejects_bad_sizes(size, error):
-    with pytest.raises(error, match="val_size"):
+    with pytest.raises(error, match="val.size"):
         split_validation([1, 2, 3], size, seed=0)
 
 

@@ -7,7 +7,7 @@ import re
 
 import pytest
 import torch
-from conftest import shared_path, tiny_llama
+from conftest import data_path, tiny_llama
 from eval_data import shipped_records
 
 from liftft import cli
@@ -25,7 +25,7 @@ def model_dir(tmp_path, tokenizer):
 
 def _eval(model_dir, output, *extra):
     return cli.main(
-        ["eval", "--model", str(model_dir), "--output", str(output), "--data-dir", str(shared_path("test")),
+        ["eval", "--model", str(model_dir), "--output", str(output), "--data-dir", str(data_path("test")),
          "--max-new-tokens", "6", "--batch-size", "4", "--no-bf16", "--device", "cpu", *extra]
     )  # fmt: skip
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import shared_path
+from conftest import data_path
 from liftft import apply_delta
 from liftft import load_delta
 from liftft.analysis import filter_rank
@@ -37,9 +37,9 @@ def fingerprinting(monkeypatch):
 
 
 def test_json_agrees_with_each_runs_outputs(base_dir, data_file, tmp_path, fingerprinting, capsys):
-    test = shared_path("test", "AddSub", "test.json")
+    test = data_path("test", "AddSub", "test.json")
     source = tmp_path / "source.json"
-    source.write_text(shared_path("test", "SingleEq", "test.json").read_text())
+    source.write_text(data_path("test", "SingleEq", "test.json").read_text())
     out = tmp_path / "sweep"
     assert main(["analyze", "filter-rank", "--model", str(base_dir), "--data", str(data_file), "--test", str(test),
                  "--source", str(source), "--output", str(out), "--ranks", "2,100", *SIZE]) == 0
@@ -83,7 +83,7 @@ def test_the_base_is_scored_in_the_dtype_the_runs_train_in(base_dir, data_file, 
         return model.to(torch.bfloat16), metrics
 
     monkeypatch.setattr(liftft.training.train, "run_training", bf16_run)
-    test = shared_path("test", "AddSub", "test.json")
+    test = data_path("test", "AddSub", "test.json")
     out = tmp_path / "sweep"
     assert main(["analyze", "filter-rank", "--model", str(base_dir), "--data", str(data_file), "--test", str(test),
                  "--output", str(out), "--ranks", "2", *SIZE]) == 0
@@ -103,7 +103,7 @@ def test_a_failed_plot_leaves_the_previous_one(base_dir, data_file, tmp_path, fi
         raise OSError("disk full")
 
     monkeypatch.setattr(filter_rank, "plot_filter_rank", broken_plot)
-    test = shared_path("test", "AddSub", "test.json")
+    test = data_path("test", "AddSub", "test.json")
     assert main(["analyze", "filter-rank", "--model", str(base_dir), "--data", str(data_file), "--test", str(test),
                  "--output", str(out), "--ranks", "2", *SIZE]) == 2
     assert (out / "filter_rank.png").read_bytes() == b"previous plot"

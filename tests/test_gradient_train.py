@@ -19,7 +19,7 @@ from liftft.utils.hf import load_tokenizer
 from liftft.training.loop import TrainingLoop
 from liftft.engine.methods import setup_method
 from liftft.engine.selection import budget
-from liftft.training.train import TrainArgs, run_training
+from liftft.training.train import TrainArgs
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
 

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import shared_path, train_and_save
+from conftest import data_path, train_and_save
 from eval_data import shipped_records
 
 from liftft import cli
@@ -142,7 +142,7 @@ def test_readme_command_matches_liftft_eval(tokenizer, tmp_path):
     """docs/integrations.md's command on a tiny merged model gives, example by example, what `liftft eval` gives."""
     pytest.importorskip("lm_eval")
     train_and_save(tmp_path, tokenizer)
-    merged, data = tmp_path / "merged", shared_path("test")
+    merged, data = tmp_path / "merged", data_path("test")
     assert cli.main(["merge", "--model", str(tmp_path / "base"), "--delta", str(tmp_path / "delta"),
                      "--output", str(merged)]) == 0
     command = lm_eval_command().replace("pretrained=OUT", f"pretrained={merged}")

@@ -58,6 +58,22 @@ def test_a_qlift_run_writes_a_delta_and_the_16bit_model_it_trained(base_dir, dat
     assert not torch.equal(logits(merged, IDS), logits(load_4bit(base_dir, nested=True), IDS))
 
 
+def test_eval_of_a_qlift_delta_equals_eval_of_the_merged_16bit_model(base_dir, data_file, tmp_path):
+    from conftest import data_path
+
+    out = tmp_path / "run"
+    assert train_cli(base_dir, data_file, out, "--merge") == 0
+    common = ["eval", "--data-dir", str(data_path("test")), "--tasks", "AddSub,gsm8k", "--limit", "3",
+              "--max-new-tokens", "8", "--num-beams", "1", "--device", "cpu", "--no-progress"]
+    assert main([*common, "--model", str(base_dir), "--delta", str(out), "--output", str(tmp_path / "e4")]) == 0
+    assert main([*common, "--model", str(out / "merged"), "--tokenizer", str(base_dir),
+                 "--output", str(tmp_path / "e16")]) == 0
+    for task in ("AddSub", "gsm8k"):
+        four, sixteen = ((tmp_path / name / "predictions" / f"{task}.jsonl").read_text().splitlines()
+                         for name in ("e4", "e16"))
+        assert [json.loads(line)["generation"] for line in four] == [json.loads(line)["generation"] for line in sixteen]
+
+
 def test_merging_onto_the_original_weights_is_explicit_and_adds_the_same_differences(base_dir, data_file, tmp_path):
     out = tmp_path / "run"
     assert train_cli(base_dir, data_file, out) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import shared_path
+from conftest import data_path
 from liftft.cli import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:filter_rank")
@@ -51,6 +51,10 @@ ELSEWHERE = {
         "tests/test_fsdp_train.py::test_two_rank_fsdp_equals_one_process_and_resumes_bit_identically",
     "tensorboard --logdir DIR/tensorboard":
         "not run: it serves a web page; test_config_file_and_watching reads the event files it would show",
+    "liftft train --model M --data FILE --output DIR --load-in-4bit":
+        "tests/test_readme.py::test_the_qlift_page runs it with docs/qlift.md's --bf16 --gradient-checkpointing",
+    "liftft eval --model M --delta DIR":
+        "tests/test_qlift_train.py::test_eval_of_a_qlift_delta_equals_eval_of_the_merged_16bit_model",
     # Commands that docs/ pages name in their prose, each run by the test named for it.
     "liftft analyze filter-rank --model demo":
         "tests/test_filter_rank.py::test_demo_model_takes_the_demos_base_tasks_and_settings runs it on a tiny demo",
@@ -73,7 +77,14 @@ RUN_HERE = [
     "liftft train --config run.yaml --max-steps 200 --val-size 100 --eval-steps 50 --logging-steps 10",
     "liftft reproduce math --model M --data FILE --output DIR",
     "liftft analyze filter-rank --model M --data FILE --test FILE --output DIR",
+    # docs/qlift.md
+    "liftft train --model M --data FILE --output DIR --load-in-4bit --bf16 --gradient-checkpointing",
+    "liftft train --model M --data FILE --output DIR --load-in-4bit --bf16 --gradient-checkpointing --method lora",
+    "liftft merge --model M --delta DIR --output OUT --original-weights",
+    "liftft estimate --model-config llama-8b --method lift --gradient-checkpointing --load-in-4bit",
+    "liftft bench --model-config h256 --load-in-4bit --rank 16",
 ]
+QLIFT_COMMANDS = RUN_HERE[-5:]
 
 
 def readme_commands() -> set[str]:
@@ -137,7 +148,7 @@ def test_train_and_step_in_backward(runs, base_dir, data_file, tmp_path):
 @pytest.mark.parametrize("source", ["--delta DIR", "--adapter DIR"])
 def test_eval_with_a_delta_or_an_adapter(source, runs, base_dir, data_file, tmp_path):
     template = RUN_HERE[2].replace("[--delta DIR | --adapter DIR]", source)
-    template = template.replace("LLM-Adapters/dataset", str(shared_path("test")))
+    template = template.replace("LLM-Adapters/dataset", str(data_path("test")))
     directory = runs / "lift" if source == "--delta DIR" else runs / "lora" / "adapter"
     command = template.replace("--output DIR", f"--output {tmp_path / 'eval'}")
     assert cli(command, base_dir, data_file, directory, "--limit", "1", "--max-new-tokens", "4", "--no-progress") == 0
@@ -177,7 +188,7 @@ def test_estimate(capsys):
 
 def test_reproduce(base_dir, data_file, tmp_path):
     command = next(c for c in RUN_HERE if c.startswith("liftft reproduce"))
-    smoke = ["--data-dir", shared_path("test"), "--methods", "lift", "--tasks", "AddSub", "--max-steps", "1", "--limit",
+    smoke = ["--data-dir", data_path("test"), "--methods", "lift", "--tasks", "AddSub", "--max-steps", "1", "--limit",
              "1", "--max-new-tokens", "4", "--batch-size", "2", "--grad-accum", "1", "--val-size", "2", *TRAIN_SIZE[:4]]
     assert cli(command, base_dir, data_file, tmp_path / "reproduce", *smoke, "--max-seq-len", "128", "--no-progress") == 0
     assert "| task | LIFT (run) |" in (tmp_path / "reproduce" / "results.md").read_text()
@@ -241,3 +252,22 @@ def test_the_trainer_and_hub_blocks(base_dir, tmp_path, monkeypatch, capsys):
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     for (name, restored), original in zip(scope["model"].named_parameters(), base.parameters()):
         assert torch.equal(restored, original), name
+
+
+def test_the_qlift_page(base_dir, data_file, tmp_path, capsys):
+    """docs/qlift.md's commands: QLIFT and QLoRA on a 4-bit base, the merge onto the original weights, the
+    estimate as written, and the bench shrunk to a step."""
+    qlift, qlora, merge, estimate, bench = QLIFT_COMMANDS
+    assert cli(qlift, base_dir, data_file, tmp_path / "qlift", *TRAIN_SIZE) == 0
+    assert cli(qlora, base_dir, data_file, tmp_path / "qlora", *TRAIN_SIZE) == 0
+    assert json.loads((tmp_path / "qlift" / "liftft.json").read_text())["quantization"]["load_in_4bit"]
+    assert (tmp_path / "qlora" / "adapter").is_dir()
+    assert cli(merge, base_dir, data_file, tmp_path / "qlift", out=tmp_path / "merged") == 0
+    assert json.loads((tmp_path / "merged" / "liftft_merge.json").read_text())["onto"] == "original 16-bit weights"
+    capsys.readouterr()
+    assert cli(estimate, Path("M"), Path("FILE"), Path("DIR")) == 0
+    assert "4-bit base" in capsys.readouterr().out
+    assert cli(bench, Path("M"), Path("FILE"), Path("DIR"), "--steps", "1", "--warmup", "0", "--seq-len", "16",
+               "--batch-size", "1", "--methods", "lora,lift", "--device", "cpu",
+               "--output", tmp_path / "bench.json") == 0
+    assert set(json.loads((tmp_path / "bench.json").read_text())["methods"]) == {"lora", "lift"}

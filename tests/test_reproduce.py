@@ -7,7 +7,7 @@ import pytest
 
 import liftft.commands.eval as eval_command
 import liftft.commands.reproduce as reproduce_run
-from conftest import shared_path
+from conftest import data_path
 from liftft.cli import main
 from liftft.eval import SUITES
 from liftft.commands.reproduce import ReproduceArgs
@@ -23,7 +23,7 @@ SMOKE = ["--methods", "lift,lora", "--max-steps", "1", "--limit", "1", "--max-ne
 
 def command(base_dir, data_file, output, *extra):
     return ["reproduce", "math", "--model", str(base_dir), "--data", str(data_file), "--output", str(output),
-            "--data-dir", str(shared_path("test")), *SMOKE, *extra]
+            "--data-dir", str(data_path("test")), *SMOKE, *extra]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def smoke(base_dir, data_file, tmp_path_factory):
 
 
 def present_tasks() -> list[str]:
-    return [t for t in SUITES["math"] if (shared_path("test") / t / "test.json").is_file()]
+    return [t for t in SUITES["math"] if (data_path("test") / t / "test.json").is_file()]
 
 
 def accuracy_from_predictions(eval_dir, task) -> tuple[float, int]:

@@ -89,14 +89,14 @@ def test_refuses_clipping_several_processes_and_non_bool(monkeypatch):
         LiftAdamW(tiny_llama(), cfg, step_in_backward=True)
 
 
-def test_step_refuses_a_clip_set_after_construction():
+def test_a_clip_set_after_construction_is_refused_as_at_construction_before_any_update():
     model = tiny_llama()
     opt = LiftAdamW(model, LiftConfig(rank=2, filter_rank=4), lr=1e-2, step_in_backward=True)
-    opt.max_grad_norm = 1.0
-    ids = batch(0)
-    model(input_ids=ids, labels=ids).loss.backward()
-    with pytest.raises(RuntimeError, match="already updated, unclipped, during backward"):
-        opt.step()
+    with pytest.raises(ValueError, match=r"cannot clip \(max_grad_norm=1.0\)"):
+        opt.max_grad_norm = 1.0
+    with pytest.raises(ValueError, match="max_grad_norm must be a finite number > 0"):
+        opt.max_grad_norm = -1.0
+    assert opt.max_grad_norm is None
 
 
 def test_step_takes_a_zero_clip_set_after_construction_as_no_clipping():

@@ -137,8 +137,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(base_dir, data_file, tmp_path,
         return loss * float("nan") if self.step == 2 else loss
 
     monkeypatch.setattr(TrainingLoop, "loss_sum", nan_at_step_3)
-    with pytest.raises(TrainingDiverged, match="loss became nan at step 3; stopped. Last good checkpoint: .*step-00000002"):
-        run_training(args_for(base_dir, data_file, out, save_steps=2))
+    # Step 2's weights gave the NaN: their checkpoint is set aside, and step 1's, from which training went on, named.
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 3; stopped. Checkpoint step-00000002, whose "
+                       "weights led there, was moved to .*diverged-step-00000002. Last good checkpoint: .*step-00000001"):
+        run_training(args_for(base_dir, data_file, out, save_steps=1))
+    assert latest_checkpoint(out).name == "step-00000001"
     load_checkpoint(latest_checkpoint(out))
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
-from contextlib import contextmanager
 import warnings
 from importlib.metadata import version
 
 from liftft.commands import add_progress_flag
 from liftft.utils.errors import RunStopped
+from liftft.utils.progress import progress_shown
 
 # Each module defines register(subparsers); its parser sets `func`.
 COMMAND_MODULES = ("train", "merge", "export_shira", "eval", "lm_eval_tasks", "analyze", "bench", "estimate", "demo",
@@ -38,25 +37,10 @@ def one_line_warning(message, category, filename, lineno, line=None) -> str:
     return f"liftft: warning: {message}\n"
 
 
-@contextmanager
 def progress_bars(shown: bool):
-    """Hide every tqdm bar, liftft's and transformers', inside the block unless ``shown``."""
-    if shown:
-        yield
-        return
-    from transformers.utils import logging as hf_logging
-
-    before = os.environ.get("TQDM_DISABLE")
-    os.environ["TQDM_DISABLE"] = "1"
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        hf_logging.enable_progress_bar()
-        if before is None:
-            os.environ.pop("TQDM_DISABLE")
-        else:
-            os.environ["TQDM_DISABLE"] = before
+    """Hide every progress bar, liftft's and transformers', inside the block unless ``shown``: see
+    :func:`liftft.utils.progress.progress_shown`."""
+    return progress_shown(shown)
 
 
 def main(argv=None) -> int:

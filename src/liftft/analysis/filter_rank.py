@@ -4,11 +4,18 @@ run learned (target accuracy) and kept (source accuracy).
 The paper reports an inverted U: target accuracy peaks near the filter rank of
 a LoRA with the same k, and falls towards both ends, where W_r keeps too
 little of W or is W itself (magnitude selection). Every run is an ordinary
-`liftft train` run, kept under DIR/runs/filter-rank-R.
+`liftft train` run, kept under DIR/runs/filter-rank-R. Run again, the sweep
+keeps the runs that finished and were scored with the same evaluation
+settings (DIR/runs/filter-rank-R/filter_rank_scores.json), scores a finished
+one again from its delta when those settings changed, and resumes an
+interrupted one from its last checkpoint, as `liftft reproduce` does; a run
+dir holding other training settings is refused by name.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -20,6 +27,12 @@ RESULT_FILE = "filter_rank.json"
 PLOT_FILE = "filter_rank.png"
 RUNS_DIR = "runs"
 DATA_DIR = "data"
+# In each run dir: the run's scores and the evaluation settings they were measured with (a sweep run again keeps them).
+SCORES_FILE = "filter_rank_scores.json"
+# In DIR/runs: the base's scores, likewise.
+BASE_SCORES_FILE = "base_scores.json"
+# Checkpoints per run, so that an interrupted sweep resumes its run where it stopped.
+CHECKPOINTS_PER_RUN = 10
 # Settings left unset (None) take these, or with --model demo the demo's own (see demo_defaults).
 DEFAULTS = {"rank": LiftConfig.rank, "lr": 2e-4, "max_steps": 100, "batch_size": 8, "max_seq_len": 512,
             "max_new_tokens": 64}
@@ -130,11 +143,11 @@ def filter_rank_sweep(settings: FilterRankSettings) -> dict:
     """Run the sweep and write DIR/filter_rank.json and DIR/filter_rank.png; returns what the JSON holds.
 
     Every run trains from the same base, data, seed and budget, differing in
-    the filter rank only, in DIR/runs/filter-rank-R (an interrupted sweep
-    run again trains each run again, to the same result). The base's own
-    accuracies are measured too, as the reference each run moves from, in
-    the dtype the runs train in (bf16 on a GPU that has it, as `liftft
-    train` chooses).
+    the filter rank only, in DIR/runs/filter-rank-R. A sweep run again keeps
+    the finished runs and resumes an interrupted one (see the module's
+    docstring). The base's own accuracies are measured too, as the reference
+    each run moves from, in the dtype the runs train in (bf16 on a GPU that
+    has it, as `liftft train` chooses).
     """
     from liftft.utils.outputs import check_writable_dir
 
@@ -148,16 +161,15 @@ def filter_rank_sweep(settings: FilterRankSettings) -> dict:
     if note:
         print(f"liftft analyze filter-rank: {note}")
     evaluate = _Scorer(settings)
-    base, runs = None, []
+    for filter_rank in ranks:  # every run dir of other training settings is refused before any work
+        _check_run_dir(settings, filter_rank)
+    base, runs, dtype = None, [], None
     for i, filter_rank in enumerate(ranks, 1):
-        print(f"liftft analyze filter-rank: run {i} of {len(ranks)}: filter rank {filter_rank}", flush=True)
-        model, metrics = _train(settings, filter_rank)
-        runs.append({"filter_rank": filter_rank, **evaluate(model), "train_loss": metrics["train_loss"],
-                     "trainable": metrics["trainable"], "output": str(_run_dir(settings, filter_rank))})
-        dtype = next(model.parameters()).dtype
-        del model
+        print(f"liftft analyze filter-rank: run {i} of {len(ranks)}: filter rank {filter_rank}", end="", flush=True)
+        run, dtype = _scored_run(settings, filter_rank, evaluate)
+        runs.append(run)
         if base is None:
-            base = evaluate.base(dtype)
+            base = _base_scores(settings, evaluate, dtype)
     result = {"settings": {**asdict(settings), "ranks": ranks}, "lora_equivalent_rank": settings.rank,
               "base": base, "runs": runs,
               "best_filter_rank": max(runs, key=lambda r: r["target_acc"])["filter_rank"]}
@@ -171,17 +183,97 @@ def _run_dir(settings: FilterRankSettings, filter_rank: int) -> Path:
     return Path(settings.output) / RUNS_DIR / f"filter-rank-{filter_rank}"
 
 
-def _train(settings: FilterRankSettings, filter_rank: int):
-    from liftft.training.train import TrainArgs, run_training
+def _train_args(settings: FilterRankSettings, filter_rank: int):
+    """The `liftft train` run of ``filter_rank``, resuming whatever its run dir holds."""
+    from liftft.training.train import TrainArgs
 
     lift = LiftConfig(rank=settings.rank, density=settings.density, filter_rank=filter_rank, update_interval=None,
                       svd=settings.svd, target_modules=settings.target_modules)
-    args = TrainArgs(model=settings.model, data=settings.data, output=str(_run_dir(settings, filter_rank)),
+    return TrainArgs(model=settings.model, data=settings.data, output=str(_run_dir(settings, filter_rank)),
                      method="lift", lift=lift, lr=settings.lr, epochs=None, max_steps=settings.max_steps,
                      batch_size=settings.batch_size, grad_accum=1, max_seq_len=settings.max_seq_len,
-                     seed=settings.seed, save_steps=None, resume=True, device=settings.device,
-                     progress=settings.progress)
-    return run_training(args)
+                     seed=settings.seed, save_steps=max(1, math.ceil(settings.max_steps / CHECKPOINTS_PER_RUN)),
+                     resume=True, device=settings.device, progress=settings.progress)
+
+
+def _check_run_dir(settings: FilterRankSettings, filter_rank: int) -> None:
+    """Refuse a run dir that holds a run of other training settings (none may change, --lr included)."""
+    from liftft.training import run_dir
+    from liftft.training.args import record_defaults
+
+    args = _train_args(settings, filter_rank)
+    run_dir.check_continues(Path(args.output), args.run_record(), record_defaults(), resume=True)
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _scored_run(settings: FilterRankSettings, filter_rank: int, evaluate: "_Scorer"):
+    """(this filter rank's entry of the results, the dtype its weights trained in): kept from an earlier sweep,
+    scored again from its delta, or trained (resumed) and scored; the entry is kept in the run dir."""
+    from liftft.training.train import RUN_FILE
+
+    out = _run_dir(settings, filter_rank)
+    run = _read_json(out / RUN_FILE) or {}
+    kept = _read_json(out / SCORES_FILE) if run.get("status") == "done" else None
+    if kept is not None and kept.get("evaluation") == evaluate.settings_record():
+        print(f": done in {out}, kept")
+        return kept["run"], _dtype(kept["dtype"])
+    if run.get("status") == "done":
+        print(f": trained in {out}; scoring it")
+        model = _trained_model(settings, out)
+        metrics = {**run["metrics"], "trainable": run["trainable"]}
+    else:
+        print(f": resuming {out}" if run else "")
+        from liftft.training.train import run_training
+
+        model, metrics = run_training(_train_args(settings, filter_rank))
+    entry = {"filter_rank": filter_rank, **evaluate(model), "train_loss": metrics["train_loss"],
+             "trainable": metrics["trainable"], "output": str(out)}
+    dtype = next(model.parameters()).dtype
+    del model
+    write_json_atomic(out / SCORES_FILE, {"evaluation": evaluate.settings_record(), "dtype": str(dtype), "run": entry})
+    return entry, dtype
+
+
+def _base_scores(settings: FilterRankSettings, evaluate: "_Scorer", dtype) -> dict:
+    """The base's scores in ``dtype``, kept in DIR/runs for a sweep run again with the same evaluation settings."""
+    path = Path(settings.output) / RUNS_DIR / BASE_SCORES_FILE
+    record = {"model": settings.model, "dtype": str(dtype), "evaluation": evaluate.settings_record()}
+    kept = _read_json(path)
+    if kept is not None and {k: kept.get(k) for k in record} == record:
+        return kept["scores"]
+    scores = evaluate.base(dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, {**record, "scores": scores})
+    return scores
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name.removeprefix("torch."))
+
+
+def _trained_model(settings: FilterRankSettings, out: Path):
+    """The finished run in ``out`` as it trained: its base in the dtype `liftft train` trained it in, and its delta."""
+    import torch
+
+    from liftft.deltas.delta import apply_delta
+    from liftft.training.train import resolve_device
+    from liftft.utils.hf import load_model
+
+    device = resolve_device(settings.device)
+    # As `liftft train` chooses for a sparse method without --bf16: bf16 weights on a GPU that supports it.
+    bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    model = load_model(settings.model, torch.bfloat16 if bf16 else torch.float32, device=device)
+    apply_delta(model, out)
+    return model
 
 
 class _Scorer:
@@ -192,6 +284,7 @@ class _Scorer:
         from liftft.eval import check_answers, custom_task, read_records
 
         self.settings = settings
+        self.files = {}
         self.sets = {}
         for key, path in (("target_acc", settings.test), ("source_acc", settings.source)):
             if path is None:
@@ -200,6 +293,16 @@ class _Scorer:
             task = custom_task(Path(path).stem, settings.kind, records)
             check_answers(task, records, path)
             self.sets[key] = (task, records)
+            self.files[key] = Path(path).read_bytes()
+
+    def settings_record(self) -> dict:
+        """What the scores depend on besides the model: the test records (a digest of each file) and how they are
+        scored; a score kept from an earlier sweep is reused only under the same record."""
+        import hashlib
+
+        s = self.settings
+        return {"files": {key: hashlib.sha256(data).hexdigest() for key, data in self.files.items()},
+                "kind": s.kind, "limit": s.limit, "max_new_tokens": s.max_new_tokens}
 
     def __call__(self, model) -> dict:
         from liftft.eval import evaluate_task

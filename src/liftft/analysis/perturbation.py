@@ -10,11 +10,11 @@ from numbers import Real
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import select_as_training, target_budgets
 from liftft.engine.config import LiftConfig, SELECTORS
 from liftft.engine.targets import find_targets
+from liftft.utils.progress import progress_bar
 
 MODES = ("relative", "absolute", "zero")
 DEFAULT_SELECTORS = ("principal", "magnitude", "random")
@@ -55,7 +55,7 @@ def perturb(
     _check_batch_size(batch_size)
     targets = find_targets(model, target_modules)
     ks = target_budgets(targets, rank, density)
-    bar = tqdm(total=len(selectors) * len(scales), desc="perturb", disable=not progress)
+    bar = progress_bar(total=len(selectors) * len(scales), desc="perturb", disable=not progress)
     results = {}
     for selector in selectors:
         indices = select_as_training(targets, ks, selector, filter_rank, svd, seed)

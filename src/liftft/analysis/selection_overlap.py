@@ -6,13 +6,13 @@ from __future__ import annotations
 from itertools import combinations
 
 import torch
-from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import group_means, layer_depth, layer_type, target_budgets
 from liftft.engine.config import LiftConfig
 from liftft.engine.selection import selection_seed
 from liftft.engine.selection import select_indices
 from liftft.engine.targets import find_targets
+from liftft.utils.progress import progress_bar
 
 
 def overlap(
@@ -45,7 +45,7 @@ def overlap(
     comparisons = ["principal vs magnitude", "principal vs random", "exact vs randomized SVD"]
     comparisons += [f"filter rank {a} vs {b}" for a, b in pairs]
     rows = {}
-    for ordinal, (name, weight) in enumerate(tqdm(targets.items(), desc="overlap", disable=not progress)):
+    for ordinal, (name, weight) in enumerate(progress_bar(targets.items(), desc="overlap", disable=not progress)):
         seed_here = selection_seed(seed, ordinal)
 
         def pick(selector, filter_rank=reference, svd="exact"):

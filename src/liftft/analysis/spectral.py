@@ -4,10 +4,10 @@ low-rank each update ΔW = W_tuned − W_base is, and how far it turns W's top s
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from liftft.analysis.matrices import group_means, layer_depth, layer_type
 from liftft.engine.targets import find_targets
+from liftft.utils.progress import progress_bar
 
 METRICS = ("delta_norm", "relative_delta_norm", "effective_rank", "stable_rank", "left_alignment", "right_alignment")
 
@@ -36,7 +36,7 @@ def spectrum(
     base = find_targets(base_model, target_modules)
     tuned = _matching_weights(tuned_model, base)
     rows = {}
-    for name, weight in tqdm(base.items(), desc="spectrum", disable=not progress):
+    for name, weight in progress_bar(base.items(), desc="spectrum", disable=not progress):
         where = weight.device if device is None else device
         rows[name] = {
             "layer_type": layer_type(name),

@@ -1,6 +1,7 @@
 """One module per `liftft` subcommand, each with register(subparsers); shared argument parsers below."""
 
 import argparse
+import math
 import contextlib
 import re
 
@@ -16,6 +17,57 @@ def comma_list(text: str) -> list[str]:
 def target_modules_arg(text: str) -> str | list[str]:
     """--target-modules: a comma makes a list of module-name suffixes; otherwise a preset or a regex."""
     return comma_list(text) if "," in text else text
+
+
+def numbers_arg(text: str) -> list[float]:
+    """Comma-separated finite numbers."""
+    values = []
+    for part in comma_list(text):
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number")
+        values.append(value)
+    return values
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    return int_at_least(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    return int_at_least(text, 0)
+
+
+def int_at_least(text: str, minimum: int) -> int:
+    """An integer >= ``minimum``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
+    return value
+
+
+def positive_ints(text: str) -> list[int]:
+    """Comma-separated integers >= 1."""
+    return [positive_int(part) for part in comma_list(text)]
+
+
+def density_arg(text: str) -> float:
+    """A share in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
+    return value
 
 
 def add_progress_flag(parser) -> None:

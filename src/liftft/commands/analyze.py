@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import math
 import os
 from pathlib import Path
 
-from liftft.commands import add_progress_flag, comma_list, target_modules_arg
+from liftft.commands import (add_progress_flag, comma_list, density_arg, non_negative_int, numbers_arg, positive_int,
+                             positive_ints, target_modules_arg)
 from liftft.engine.config import SELECTORS, SVD_METHODS, TARGET_PRESETS, LiftConfig
 from liftft.eval.tasks import KINDS
 from liftft.data.template import TEMPLATES
@@ -59,17 +58,17 @@ def _register_perturb(analyses) -> None:
     p.add_argument("--selectors", type=comma_list, default="principal,magnitude,random",
                    help=f"comma-separated selectors to compare, from: {', '.join(SELECTORS)} (default: %(default)s)")
     _add_budget_options(p)
-    p.add_argument("--filter-rank", type=_positive_int, default=64, help="rank of the SVD approximation for principal selectors (default: 64)")
+    p.add_argument("--filter-rank", type=positive_int, default=64, help="rank of the SVD approximation for principal selectors (default: 64)")
     p.add_argument("--svd", choices=SVD_METHODS, default="exact", help="SVD used by principal selectors (default: exact)")
     p.add_argument("--mode", default="relative",
                    help="relative: W·(1+s·z); absolute: W + s·std(W)·z; zero: set to 0, no noise scales (default: relative)")
-    p.add_argument("--noise", type=_numbers, default=None,
+    p.add_argument("--noise", type=numbers_arg, default=None,
                    help="comma-separated noise scales s >= 0 (default: 0,0.5,1,2,4; not allowed with --mode zero)")
-    p.add_argument("--limit", type=_positive_int, help="use only the first N records")
-    p.add_argument("--seq-len", type=_positive_int, default=256, help="tokens per row of the packed data (default: 256)")
-    p.add_argument("--batch-size", type=_positive_int, default=8, help="rows per forward pass (default: 8)")
+    p.add_argument("--limit", type=positive_int, help="use only the first N records")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per row of the packed data (default: 256)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="rows per forward pass (default: 8)")
     p.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template (default: alpaca)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the noise z and of the random selector (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the noise z and of the random selector (default: 0)")
     _add_model_options(p)
 
 
@@ -130,7 +129,7 @@ def _register_spectrum(analyses) -> None:
                    help="one or more fine-tunes of --base: merged model, liftft delta directory or PEFT adapter directory")
     p.add_argument("--labels", type=comma_list, help="comma-separated labels for the --tuned runs (default: their directory names)")
     p.add_argument("--output", required=True, help="directory for spectrum.json and the plots")
-    p.add_argument("--top", type=_positive_int, default=64, help="dimension of the singular subspaces compared (default: 64)")
+    p.add_argument("--top", type=positive_int, default=64, help="dimension of the singular subspaces compared (default: 64)")
     _add_model_options(p, device_help="device for the SVDs; models stay on the CPU")
 
 
@@ -182,9 +181,9 @@ def _register_overlap(analyses) -> None:
     p.add_argument("--model", required=True, help="model: hub id or local directory")
     p.add_argument("--output", required=True, help="directory for overlap.json and overlap.png")
     _add_budget_options(p)
-    p.add_argument("--filter-rank", type=_positive_ints, default=DEFAULT_OVERLAP_FILTER_RANKS,
+    p.add_argument("--filter-rank", type=positive_ints, default=DEFAULT_OVERLAP_FILTER_RANKS,
                    help="comma-separated filter ranks; the first is used for the other comparisons (default: %(default)s)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of the random selector and randomized SVD (default: 0)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the random selector and randomized SVD (default: 0)")
     _add_model_options(p)
 
 
@@ -217,7 +216,10 @@ def _register_filter_rank(analyses) -> None:
         "filter-rank",
         help="target and source accuracy of LIFT fine-tunes at one budget k, by filter rank (paper's ablation)",
         description="Fine-tune with LIFT at one budget for each filter rank (runs under DIR/runs), score each on "
-        "the target test records and the source ones, and write filter_rank.json and filter_rank.png to --output.",
+        "the target test records and the source ones, and write filter_rank.json and filter_rank.png to --output. "
+        "Run again, it keeps the finished runs and their scores (scoring them again from their deltas if --test, "
+        "--source, --kind, --limit or --max-new-tokens changed) and resumes an interrupted run from its last "
+        "checkpoint; a run dir of other training settings is refused.",
     )
     p.add_argument("--model", required=True,
                    help="base model: hub id or local directory; 'demo' takes the demo's cached base (pretrained "
@@ -227,18 +229,18 @@ def _register_filter_rank(analyses) -> None:
     p.add_argument("--source", help="source-domain test records, to measure what each run keeps (optional)")
     p.add_argument("--kind", choices=KINDS, default="number", help="answer kind of --test and --source (default: number)")
     p.add_argument("--output", required=True, help="directory for filter_rank.json, filter_rank.png and runs/")
-    p.add_argument("--ranks", type=_positive_ints,
+    p.add_argument("--ranks", type=positive_ints,
                    help="comma-separated filter ranks (default: powers of two up to the largest min(m, n) of the "
                    "targets; larger ones are clamped to it, where W_r = W)")
     _add_budget_options(p)
-    p.add_argument("--max-steps", type=_positive_int, help="optimizer steps per run (default: 100; demo: its own)")
+    p.add_argument("--max-steps", type=positive_int, help="optimizer steps per run (default: 100; demo: its own)")
     p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4; demo: its LIFT rate)")
-    p.add_argument("--batch-size", type=_positive_int, help="examples per step (default: 8; demo: its own)")
-    p.add_argument("--max-seq-len", type=_positive_int, help="as for `liftft train` (default: 512; demo: 256)")
+    p.add_argument("--batch-size", type=positive_int, help="examples per step (default: 8; demo: its own)")
+    p.add_argument("--max-seq-len", type=positive_int, help="as for `liftft train` (default: 512; demo: 256)")
     p.add_argument("--svd", choices=SVD_METHODS, default="exact", help="SVD used for selection (default: exact)")
-    p.add_argument("--limit", type=_positive_int, help="score only the first N records of --test and --source")
-    p.add_argument("--max-new-tokens", type=_positive_int, help="generation length (default: 64; demo: 96)")
-    p.add_argument("--seed", type=_non_negative_int, default=0, help="seed of every run (default: 0)")
+    p.add_argument("--limit", type=positive_int, help="score only the first N records of --test and --source")
+    p.add_argument("--max-new-tokens", type=positive_int, help="generation length (default: 64; demo: 96)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of every run (default: 0)")
     p.add_argument("--quick", action="store_true", help="--model demo: the quick demo's smaller base")
     p.add_argument("--target-modules", type=target_modules_arg, default="all-linear",
                    help="as for `liftft train` (default: all-linear)")
@@ -267,8 +269,8 @@ def run_filter_rank(args) -> int:
 
 def _add_budget_options(p) -> None:
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--rank", type=_positive_int, help=f"LoRA-parity budget: k = min((m+n)·rank, m·n) per matrix (default: {LiftConfig.rank})")
-    budget.add_argument("--density", type=_density, help="budget as a fraction of each matrix's entries, in (0, 1]")
+    budget.add_argument("--rank", type=positive_int, help=f"LoRA-parity budget: k = min((m+n)·rank, m·n) per matrix (default: {LiftConfig.rank})")
+    budget.add_argument("--density", type=density_arg, help="budget as a fraction of each matrix's entries, in (0, 1]")
 
 
 def _add_model_options(p, device_help: str = "device to run on") -> None:
@@ -349,51 +351,3 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4g}"
-
-
-# --------------------------------------------------------- argument types
-
-
-def _numbers(text: str) -> list[float]:
-    values = []
-    for part in comma_list(text):
-        try:
-            value = float(part)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{part!r} is not a number") from None
-        if not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{part!r} is not a finite number")
-        values.append(value)
-    return values
-
-
-def _positive_int(text: str) -> int:
-    return _int_at_least(text, 1)
-
-
-def _non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0)
-
-
-def _int_at_least(text: str, minimum: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < minimum:
-        raise argparse.ArgumentTypeError(f"{text!r} must be >= {minimum}")
-    return value
-
-
-def _positive_ints(text: str) -> list[int]:
-    return [_positive_int(part) for part in comma_list(text)]
-
-
-def _density(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be in (0, 1]")
-    return value

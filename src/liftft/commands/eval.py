@@ -81,7 +81,9 @@ def register(subparsers) -> None:
         choices=SCORINGS,
         default="generate",
         help="generate and extract, or rank the choices by log-likelihood (multiple-choice tasks only; "
-        "numeric tasks are still generated)",
+        "numeric tasks are still generated). loglik reads a letter task's options from its instruction in any common "
+        "layout: (A) x, [A] x, A) x, A. x or A: x, lower case too, separated by spaces, commas, semicolons or "
+        "newlines; the list that ends last counts, and a record whose options are ambiguous is refused by its index",
     )
     parser.add_argument("--template", choices=TEMPLATES, default="alpaca", help="prompt template used in training")
     parser.add_argument(
@@ -250,13 +252,18 @@ def _new_token_limits(args, tokenizer, jobs, config) -> dict[str, int]:
 
 
 def _load_model(args, dtype_name: str):
-    """The model to evaluate, in eval mode, with its delta or adapter applied."""
+    """The model to evaluate, in eval mode, with its delta or adapter applied (a QLIFT delta on its base loaded in 4 bits,
+    in the dtype it trained in)."""
     import torch
 
     from liftft.deltas.delta import apply_delta, load_delta
     from liftft.utils.hf import load_model
 
     delta = None if args.delta is None else load_delta(args.delta)  # a damaged delta is named before the model loads
+    if delta is not None and "quantization" in delta.meta:  # a QLIFT delta: its 4-bit base, loaded as it trained
+        from liftft.deltas.merge import load_trained_4bit
+
+        return load_trained_4bit(args.model, delta, args.delta, _device(args)).eval()
     model = load_model(args.model, getattr(torch, dtype_name), _device(args))
     if delta is not None:
         apply_delta(model, delta)

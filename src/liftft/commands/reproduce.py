@@ -16,7 +16,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from liftft.commands import DefaultsShown, comma_list
+from liftft.commands import DefaultsShown, comma_list, lift_fields_as_flags
 from liftft.commands import eval as eval_command
 from liftft.data.records import load_records
 from liftft.engine.methods import PEFT_METHODS, SPARSE_SELECTORS
@@ -25,9 +25,12 @@ from liftft.eval.tasks import TEST_FILE, find_test_file
 from liftft.reproduce import report
 from liftft.reproduce.protocol import Row, check_methods, choose_row, load_protocol, method_settings, table_names
 from liftft.training import run_dir
+from liftft.training.args import record_defaults
 from liftft.training.train import ADAPTER_DIR, MERGED_DIR, RUN_FILE, TrainArgs, train
 
 DEFAULT_METHODS = ("lift", "full", "lora", "dora", "pissa", "s2ft")
+# A smoke run whose data cannot spare the protocol's held-out records holds out 1 in this many.
+SPARE_FRACTION = 10
 # Where `git clone https://github.com/AGI-Edgerunners/LLM-Adapters` puts the test sets.
 DEFAULT_TEST_DIR = "LLM-Adapters/dataset"
 GET_DATA = ("math_10k.json and commonsense_170k.json are in ft-training_set/ of "
@@ -44,6 +47,9 @@ class ReproduceArgs:
     override it for every method. ``batch_size`` alone keeps the effective
     batch of 16 by dividing the accumulation, so it must divide 16 (give
     ``grad_accum`` too to set the effective batch). ``limit`` cuts each test set.
+    ``val_size`` None holds out the protocol's 100 records; a smoke run (with
+    ``max_steps`` or ``limit``) holds out what its data can spare instead
+    (:meth:`resolve_val_size`).
     """
 
     table: str
@@ -93,6 +99,33 @@ class ReproduceArgs:
                              f"{effective}, which --batch-size alone keeps by dividing the accumulation: pass one of "
                              f"{divisors}, or --grad-accum too to choose the effective batch")
 
+    def resolve_val_size(self, records: int) -> str | None:
+        """Check the held-out count against the ``records`` of --data; returns a note to print, or None.
+
+        Unset, it is the protocol's; a smoke run (--max-steps or --limit)
+        whose data cannot spare that many (it holds no more) holds out a tenth
+        of its records instead. Data that can spare them keeps the protocol's
+        count, as earlier liftft did, so that its output dirs still continue.
+        Every refusal names --val-size.
+        """
+        if self.val_size is not None:
+            if self.val_size < 0:
+                raise ValueError(f"--val-size must be >= 0 (0 holds out none), got {self.val_size}")
+            if self.val_size >= records:
+                raise ValueError(f"--val-size {self.val_size} leaves no record to train on: --data holds {records}; "
+                                 f"pass --val-size below {records} (0 holds out none)")
+            return None
+        protocol = load_protocol()["training"]["val_size"]
+        if protocol < records:
+            return None
+        spare = records // SPARE_FRACTION
+        if self.max_steps is None and self.limit is None:
+            raise ValueError(f"the protocol holds out {protocol} records for the held-out loss, but --data holds "
+                             f"{records}; pass --val-size N (below {records}; 0 holds out none)")
+        self.val_size = spare
+        return (f"--val-size unset: holding out {spare} of the {records} training records (a tenth, as the data cannot "
+                f"spare the protocol's {protocol}); --val-size N chooses")
+
     def training(self) -> dict:
         """The protocol's training settings with this run's overrides."""
         settings = dict(load_protocol()["training"])
@@ -134,9 +167,11 @@ def reproduce(args: ReproduceArgs) -> dict:
     """Train and evaluate every method of ``args``, write DIR/results.{json,md,png}, and return the results."""
     out = Path(args.output)
     _announce(args.row_used, args.model)
+    note = args.resolve_val_size(_check_training_data(args.data))
+    if note:
+        print(f"liftft reproduce: {note}")
     plans = {method: args.train_args(method) for method in args.methods}  # every setting checked before any work
     _check_test_files(args.data_dir, args.task_names)
-    _check_training_data(args.data)
     out.mkdir(parents=True, exist_ok=True)
     evaluations, trainable = {}, {}
     for method, train_args in plans.items():
@@ -179,10 +214,11 @@ def _check_test_files(data_dir: str, task_names: list[str]) -> None:
               "them out, unlike the paper's")
 
 
-def _check_training_data(data: list[str]) -> None:
-    """Read the training data once before any training, so that a missing file is named with where to get it."""
+def _check_training_data(data: list[str]) -> int:
+    """Read the training data once before any training, so that a missing file is named with where to get it;
+    returns its number of records."""
     try:
-        load_records(data)
+        return len(load_records(data))
     except FileNotFoundError as err:
         raise FileNotFoundError(f"{err}; {GET_DATA}") from err
 
@@ -192,6 +228,8 @@ def _train(method: str, train_args: TrainArgs) -> int:
     out = Path(train_args.output)
     run = json.loads((out / RUN_FILE).read_text()) if (out / RUN_FILE).is_file() else {}
     if run.get("status") != "done":
+        # `liftft train --resume` may change --lr; the protocol's runs may not, so that no result mixes two rates.
+        run_dir.check_continues(out, train_args.run_record(), record_defaults(), resume=True)
         return train(train_args)["trainable"]
     run_dir.check_continues(out, train_args.run_record(), {}, resume=True)  # a finished run of other settings
     print(f"liftft reproduce: {method}: already trained in {out}, skipped")
@@ -266,7 +304,9 @@ def register(subparsers) -> None:
                    "effective batch stays 16")
     p.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: 16)")
     p.add_argument("--max-seq-len", type=int, help="longest training example in tokens (default: 2048)")
-    p.add_argument("--val-size", type=int, help="training records held out, as the authors' script does (default: 100)")
+    p.add_argument("--val-size", type=int,
+                   help="training records held out, as the authors' script does (default: 100; a smoke run, with "
+                   "--max-steps or --limit, on 100 records or fewer holds out a tenth of them)")
     p.add_argument("--seed", type=int, help="seed of every run (default: 43)")
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute activations to save memory (default: on, as the authors ran)")
@@ -284,6 +324,7 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+@lift_fields_as_flags()
 def run(args) -> int:
     reproduce(ReproduceArgs(
         table=args.table, model=args.model, output=args.output, data=args.data, data_dir=args.data_dir,

@@ -97,7 +97,8 @@ def register(subparsers) -> None:
                    "4-bit layers compute in bf16 too")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations to save memory")
     p.add_argument("--val-size", type=int, default=0,
-                   help="hold out N records and log their loss (eval_loss) at the end and every --eval-steps")
+                   help="hold out N records (fewer than --data holds) and log their loss (eval_loss) at the end and "
+                   "every --eval-steps")
     p.add_argument("--eval-steps", type=int, default=None,
                    help="optimizer steps between evaluations of the --val-size held-out records (default: at the end only)")
     p.add_argument("--logging-steps", type=int, default=1,
@@ -107,18 +108,25 @@ def register(subparsers) -> None:
     p.add_argument("--report-to", default="none", choices=REPORT_TO,
                    help=f"also send the logged values to TensorBoard (DIR/{TENSORBOARD_DIR}: pip install "
                    "'liftft[tensorboard]') or Weights & Biases (pip install 'liftft[wandb]'; WANDB_MODE, "
-                   "WANDB_PROJECT and WANDB_DIR apply; the files go to DIR/wandb by default)")
+                   "WANDB_PROJECT and WANDB_DIR apply; the files go to DIR/wandb by default). --resume continues "
+                   "the same W&B run (its id is in DIR/wandb_run.json) and drops the TensorBoard events after the "
+                   "checkpoint, so that no step shows twice")
     p.add_argument("--template", default="alpaca", choices=("alpaca", "chat"),
                    help="prompt template of instruction records, the same one `liftft eval` uses")
     p.add_argument("--seed", type=int, default=43, help="seed for data order, selection and initialization")
     p.add_argument("--save-steps", type=int, default=200, help="optimizer steps between checkpoints")
     p.add_argument("--save-total-limit", type=int, default=2,
                    help="checkpoints kept, newest first, so one bad step cannot erase the only good state "
-                   "(a checkpoint whose trained values are not finite is never written)")
+                   "(a checkpoint whose trained values are not finite is never written; until the step after the "
+                   "newest has run, the one before it is kept too; one whose weights made the next step diverge "
+                   "is moved to checkpoints/diverged-step-N)")
     p.add_argument("--dist-timeout", type=float, default=1800.0,
                    help="seconds a process waits for the others in a collective before stopping with an error "
                    "naming its rank (multi-process runs)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the last good checkpoint in --output; it may change --lr and the length "
+                   "(--max-steps, --epochs), e.g. to continue a diverged run at a lower --lr, and run.json records "
+                   "each change")
     p.add_argument("--merge", action="store_true", help="also write a merged HF model to DIR/merged")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     add_progress_flag(p)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from liftft.data.chat import Segment, completion_segments, messages_segments
+from liftft.data.chat import Segment, completion_segments, messages_segments, without_first_exchanges
 from liftft.data.records import COMPLETION, MESSAGES, load_records, record_kind
 from liftft.data.template import build_prompt, encode_prompt, encode_response
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 # What encoding did with a record.
-_KEPT, _TRUNCATED, _EMPTY, _TOO_LONG = "kept", "truncated", "empty", "too long"
+_KEPT, _TRUNCATED, _EMPTY, _TOO_LONG, _NO_CONTEXT = "kept", "truncated", "empty", "too long", "no context"
 
 
 # ------------------------------------------------------------ tokenization
@@ -66,11 +66,16 @@ def encode_example(record: dict, tokenizer, *, template: str = "alpaca", max_seq
     last characters and the response's first would merge into one token if
     tokenized together.
 
-    The last trained segment and EOS are never cut. An example longer than
-    ``max_seq_len`` loses tokens from the left (keeping BOS). None is returned
-    when every trained segment is blank, and when not even the BOS, the last
-    line of the text before the last trained segment (the response cue, e.g.
-    "### Response:") and that segment with EOS fit.
+    The last trained segment and EOS are never cut. An instruction or string
+    prompt/completion example longer than ``max_seq_len`` loses tokens from the
+    left (keeping BOS). A conversation (``messages``, or prompt/completion turns)
+    loses whole turns instead: its first exchanges, as few as make it fit, its
+    system prompt kept, so that every assistant turn trained on keeps the turns
+    that prompted it (:func:`liftft.data.chat.without_first_exchanges`). None is
+    returned when every trained segment is blank; when not even the BOS, the
+    last line of the text before the last trained segment (the response cue,
+    e.g. "### Response:") and that segment with EOS fit; and for a conversation
+    in which no assistant turn fits with its context.
     """
     return _encode(record, tokenizer, template, max_seq_len)[0]
 
@@ -81,9 +86,11 @@ def encode_dataset(
     """Encode every record with :func:`encode_example`.
 
     Returns the kept examples and counts ``{"examples", "truncated", "skipped",
-    "empty"}``: ``skipped`` counts every record left out, ``empty`` those of them
-    whose response is empty (the rest are too long). Raises ValueError when no
-    example is left.
+    "empty", "no_context"}``: ``skipped`` counts every record left out, ``empty``
+    those of them whose response is empty, ``no_context`` the conversations in
+    which no assistant turn fits with the turns that prompted it (the rest are
+    too long). ``truncated`` counts the examples kept in part. Raises ValueError
+    when no example is left.
     """
     if not records:
         raise ValueError("empty dataset: no records to encode")
@@ -93,15 +100,18 @@ def encode_dataset(
         outcomes[outcome] += 1
         if example is not None:
             examples.append(example)
-    empty, too_long = outcomes[_EMPTY], outcomes[_TOO_LONG]
+    empty, too_long, no_context = outcomes[_EMPTY], outcomes[_TOO_LONG], outcomes[_NO_CONTEXT]
     reasons = (f"{empty} with a blank response (output, completion or assistant turns), {too_long} whose last "
                f"response, what closes it (EOS or the end of turn) and the line before it do not fit in "
-               f"max_seq_len={max_seq_len}")
+               f"max_seq_len={max_seq_len}, {no_context} conversations in which no assistant turn fits with the turns "
+               "that prompted it")
+    skipped = empty + too_long + no_context
     if not examples:
         raise ValueError(f"empty dataset after filtering: all {len(records)} records were skipped ({reasons})")
-    if empty or too_long:
-        logger.warning("skipped %d of %d records (%s)", empty + too_long, len(records), reasons)
-    stats = {"examples": len(examples), "truncated": outcomes[_TRUNCATED], "skipped": empty + too_long, "empty": empty}
+    if skipped:
+        logger.warning("skipped %d of %d records (%s)", skipped, len(records), reasons)
+    stats = {"examples": len(examples), "truncated": outcomes[_TRUNCATED], "skipped": skipped, "empty": empty,
+             "no_context": no_context}
     return examples, stats
 
 
@@ -118,6 +128,9 @@ def _encode(record: dict, tokenizer, template: str, max_seq_len: int) -> tuple[d
         ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
     if len(ids) <= max_seq_len:
         return {"input_ids": ids, "labels": labels}, _KEPT
+    shorter = _shorter_conversations(record)
+    if shorter is not None:
+        return _cut_conversation(shorter, tokenizer, template, max_seq_len)
     n_bos = int(tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id])
     kept = max_seq_len - n_bos
     cue = segments[[i for i, (_, trained) in enumerate(segments) if trained][-1] - 1][0]
@@ -125,6 +138,37 @@ def _encode(record: dict, tokenizer, template: str, max_seq_len: int) -> tuple[d
         return None, _TOO_LONG
     example = {"input_ids": ids[:n_bos] + ids[-kept:], "labels": labels[:n_bos] + labels[-kept:]}
     return example, _TRUNCATED
+
+
+def _shorter_conversations(record: dict) -> list[dict] | None:
+    """A conversational record without its first 1, 2, ... exchanges, fewest first; None for other records."""
+    kind = record_kind(record)
+    if kind == MESSAGES:
+        return [{**record, "messages": turns} for turns in without_first_exchanges(record["messages"])]
+    if kind == COMPLETION and isinstance(record["prompt"], list):
+        prompt, completion = record["prompt"], record["completion"]
+        return [{**record, "prompt": turns[: len(turns) - len(completion)]}
+                for turns in without_first_exchanges(prompt + completion, before=len(prompt))]
+    return None
+
+
+def _cut_conversation(shorter: list[dict], tokenizer, template: str, max_seq_len: int) -> tuple[dict | None, str]:
+    """The first of the ``shorter`` conversations (fewest exchanges dropped) that fits in ``max_seq_len`` and trains on
+    something, found by bisection: each is shorter than the one before."""
+    low, high, fitting = 0, len(shorter), None
+    while low < high:
+        middle = (low + high) // 2
+        segments, closed_by_eos = record_segments(shorter[middle], tokenizer, template)
+        ids, labels, _ = _tokenized(tokenizer, segments)
+        if closed_by_eos:
+            ids, labels = ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
+        if len(ids) <= max_seq_len:
+            high, fitting = middle, {"input_ids": ids, "labels": labels}
+        else:
+            low = middle + 1
+    if fitting is None or not any(text.strip() for text in _responses(shorter[high])):
+        return None, _NO_CONTEXT
+    return fitting, _TRUNCATED
 
 
 def _responses(record: dict) -> list[str]:
@@ -182,10 +226,12 @@ def split_validation(records: list, val_size: int, seed: int) -> tuple[list, lis
     """
     if isinstance(val_size, bool) or not isinstance(val_size, int):
         raise TypeError(f"val_size must be an int, got {val_size!r}")
-    if not 0 <= val_size < len(records):
-        raise ValueError(
-            f"val_size must be in [0, {len(records)}) so that training keeps a record, got {val_size}"
-        )
+    if val_size < 0:
+        raise ValueError(f"--val-size must be >= 0 (0 holds out none), got {val_size}")
+    if val_size >= len(records):
+        raise ValueError(f"--val-size {val_size} leaves no record to train on: the data holds {len(records)} "
+                         f"record{'s' if len(records) != 1 else ''}, so pass --val-size below {len(records)} "
+                         "(0 holds out none)")
     held_out = set(random.Random(seed).sample(range(len(records)), val_size))
     train = [record for i, record in enumerate(records) if i not in held_out]
     validation = [record for i, record in enumerate(records) if i in held_out]

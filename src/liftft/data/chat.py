@@ -28,6 +28,28 @@ def completion_segments(tokenizer, prompt: list[dict], completion: list[dict]) -
     return _segments(tokenizer, prompt + completion, [(len(prompt), len(prompt) + len(completion))])
 
 
+# Roles whose turns answer (or feed an answer): a conversation is never cut just before one of them, nor is a system
+# prompt at its start ever dropped.
+_ANSWERING = ("assistant", "tool", "function", "ipython")
+_SYSTEM = ("system", "developer")
+
+
+def without_first_exchanges(turns: list[dict], before: int | None = None) -> list[list[dict]]:
+    """``turns`` without its first 1, 2, ... exchanges, each dropped whole, fewest first; the system prompt is kept.
+
+    An exchange begins at a turn that is neither an answer nor a tool's (a user's) right after an answer or a tool's
+    turn, so every assistant turn that is kept keeps all the turns between it and the answer before it. Only turns
+    before index ``before`` (a completion's start) may be dropped; by default, any.
+    """
+    system = 0
+    while system < len(turns) and turns[system]["role"] in _SYSTEM:
+        system += 1
+    end = len(turns) if before is None else before
+    starts = [k for k in range(system + 1, end)
+              if turns[k]["role"] not in _ANSWERING and turns[k - 1]["role"] in _ANSWERING]
+    return [turns[:system] + turns[k:] for k in starts]
+
+
 def check_chat_template(tokenizer) -> None:
     """Raise ValueError unless the tokenizer has a chat template to render conversations with."""
     if not getattr(tokenizer, "chat_template", None):

@@ -81,13 +81,22 @@ def load_merged(base: str, delta, delta_dir, *, dtype: str | torch.dtype | None 
         apply_delta(model, delta, original_weights=original_weights)
     else:
         from liftft.engine.quantized import dequantized_model
-        from liftft.utils.quantization import bnb_config
 
-        config = bnb_config(quantization["bnb_4bit_quant_type"], quantization["bnb_4bit_use_double_quant"],
-                            trained_dtype)
-        model = dequantized_model(apply_delta(load_model(base, trained_dtype, device, quantization_config=config),
-                                              delta))
+        model = dequantized_model(load_trained_4bit(base, delta, delta_dir, device))
     return model.to(_parse_dtype(dtype) or trained_dtype)
+
+
+def load_trained_4bit(base: str, delta, delta_dir, device: str | torch.device = "cpu"):
+    """The model a QLIFT run trained, as it trained it: ``base`` loaded in 4 bits as ``delta`` (a
+    :class:`liftft.deltas.delta.Delta` read from ``delta_dir``) records, in its trained dtype, with the delta applied."""
+    from liftft.deltas.delta import apply_delta
+    from liftft.utils.hf import load_model
+    from liftft.utils.quantization import bnb_config
+
+    trained_dtype = recorded_dtype(delta.meta, delta_dir)
+    quantization = delta.meta["quantization"]
+    config = bnb_config(quantization["bnb_4bit_quant_type"], quantization["bnb_4bit_use_double_quant"], trained_dtype)
+    return apply_delta(load_model(base, trained_dtype, device, quantization_config=config), delta)
 
 
 def recorded_dtype(meta: dict, delta_dir) -> torch.dtype:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from liftft.deltas.delta import Delta, check_shapes, fingerprint, load_delta
+from liftft.utils import distributed
 
 # How many undetermined entries of one weight are searched, how far (in steps of the weight's dtype) around the
 # first guess, and how many fingerprints are tried at most.
@@ -32,12 +33,19 @@ def remove_delta(model: nn.Module, delta) -> nn.Module:
 
     ``delta`` is a delta directory or a loaded :class:`liftft.deltas.delta.Delta`.
     Every weight is checked before any is changed: ValueError names the first
-    weight that is missing or shaped otherwise, whose entries do not hold the
-    delta's trained values (the delta is not applied, or another one is), or
-    whose base the delta cannot pin down (see the module docstring).
+    weight that is sharded by FSDP2 (remove the delta before ``fully_shard``),
+    missing or shaped otherwise, whose entries do not hold the delta's trained
+    values (the delta is not applied, or another one is), or whose base the
+    delta cannot pin down (see the module docstring).
     """
     delta = delta if isinstance(delta, Delta) else load_delta(delta)
     params = dict(model.named_parameters())
+    sharded = [name for name in delta.entries if name in params and distributed.is_dtensor(params[name])]
+    if sharded:
+        raise ValueError(f"{sharded[0]} is sharded by FSDP2, and remove_delta restores whole weights: remove the delta "
+                         "before fully_shard, or from an unsharded copy of the model given its full state dict "
+                         "(torch.distributed.checkpoint.state_dict.get_model_state_dict with full_state_dict=True); "
+                         "nothing was changed")
     check_shapes(params, delta)
     bases = {name: restored_base(name, params[name], delta) for name in delta.entries}
     for name, base in bases.items():

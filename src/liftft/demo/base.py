@@ -19,11 +19,11 @@ import torch
 from safetensors import SafetensorError
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from tokenizers.processors import TemplateProcessing
-from tqdm.auto import tqdm
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from liftft.demo.data import World, corpus_texts, make_source, make_target, make_world, pretraining_records
 from liftft.data.template import build_prompt, encode_prompt
+from liftft.utils.progress import progress_bar
 
 # Bump when the pretraining recipe changes in a way the settings do not show.
 CACHE_VERSION = 1
@@ -287,7 +287,8 @@ def train_on_sequences(model, sequences, pad_id: int, settings: BaseSettings, de
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     batches = _length_grouped_batches([len(s) for s in sequences], settings.batch_size, settings.seed)
-    bar = tqdm(range(settings.pretrain_steps), desc="pretraining the demo base", disable=not progress, unit="step")
+    bar = progress_bar(range(settings.pretrain_steps), desc="pretraining the demo base", disable=not progress,
+                       unit="step")
     for step in bar:
         input_ids, attention_mask, labels = _pad([sequences[i] for i in next(batches)], pad_id, device)
         loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss

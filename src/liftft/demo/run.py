@@ -17,6 +17,7 @@ from liftft.demo.frontier import frontier, matched_levels
 from liftft.demo.report import DEMO_METHODS, LABELS, plot, table
 from liftft.demo.threads import demo_threads, torch_threads
 from liftft.utils.outputs import check_writable_dir
+from liftft.utils.progress import progress_shown
 from liftft.training.train import TrainArgs, resolve_device
 
 # Each method's best target accuracy on seed 0 after 400 steps, over the grid in docs/demo.md (full: 1e-3, 3e-3;
@@ -45,7 +46,8 @@ def run_demo(output="demo_out", *, quick: bool = False, methods=DEMO_METHODS, de
              progress: bool = True) -> dict:
     """Run the whole demo and write DIR/demo_results.json and DIR/demo.png; returns the results.
 
-    On the CPU it runs with :func:`liftft.demo.threads.demo_threads` torch threads, restored after.
+    On the CPU it runs with :func:`liftft.demo.threads.demo_threads` torch threads, restored after. Without
+    ``progress`` no progress bar shows, the evaluations' included.
     """
     output = Path(output)
     methods = parse_methods(",".join(methods))
@@ -54,7 +56,7 @@ def run_demo(output="demo_out", *, quick: bool = False, methods=DEMO_METHODS, de
     device = resolve_device(device)
     threads = demo_threads() if device.type == "cpu" else None
     settings = DemoSettings.quick() if quick else DemoSettings()
-    with torch_threads(threads) if threads else nullcontext():
+    with torch_threads(threads) if threads else nullcontext(), progress_shown(progress):
         results = _run(output, settings, methods, device, seed, progress)
     results["settings"].update(quick=quick, threads=threads)
     _stage(f"writing {output / 'demo_results.json'} and {output / 'demo.png'}")

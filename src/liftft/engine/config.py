@@ -1,4 +1,4 @@
-"""`LiftConfig`: the validated settings of a LIFT run."""
+"""`LiftConfig`: the validated settings of a LIFT run, and the checks of `LiftAdamW`'s other arguments."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import numbers
 import re
 from dataclasses import asdict, dataclass
 from typing import Sequence
+
+from liftft.utils import distributed
 
 # Selectors that choose from one matrix alone (what select_indices takes).
 SELECTORS = ("principal", "principal-smallest", "magnitude", "random")
@@ -170,3 +172,33 @@ def clip_norm(max_grad_norm) -> float | None:
         raise ValueError(f"max_grad_norm must be a finite number > 0, or 0 or None for no clipping; "
                          f"got {max_grad_norm!r}")
     return float(max_grad_norm)
+
+
+def checked_clip(max_grad_norm, step_in_backward: bool) -> float | None:
+    """LiftAdamW's clipping threshold, at construction and whenever ``max_grad_norm`` is set: :func:`clip_norm`'s, and
+    refused (ValueError) where ``step_in_backward`` updates each target before the global norm is known."""
+    max_norm = clip_norm(max_grad_norm)
+    if step_in_backward and max_norm is not None:
+        raise ValueError(f"step_in_backward=True updates each target before the global gradient norm is known, so it "
+                         f"cannot clip (max_grad_norm={max_grad_norm!r}); set max_grad_norm=None or step_in_backward=False")
+    return max_norm
+
+
+def check_optimizer_settings(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm) -> None:
+    """Raise, naming the setting, for LiftAdamW arguments it cannot run with."""
+    if not isinstance(cfg, LiftConfig):
+        raise TypeError(f"cfg must be a LiftConfig, got {type(cfg).__name__}")
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr!r}")
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
+    if not isinstance(step_in_backward, bool):
+        raise TypeError(f"step_in_backward must be True or False, got {step_in_backward!r}")
+    checked_clip(max_grad_norm, step_in_backward)
+    if step_in_backward and distributed.world_size() > 1:
+        raise ValueError(f"step_in_backward=True runs in one process only (world size {distributed.world_size()}): "
+                         "the ranks must average gradients before any update")

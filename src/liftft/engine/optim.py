@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from liftft.utils import distributed
-from liftft.engine.config import LiftConfig, clip_norm
+from liftft.engine.config import LiftConfig, check_optimizer_settings, checked_clip
 from liftft.engine.functional import adamw_at, clip_coefficient, dense_adamw, gradient_norm, sparse_adamw, use_kernels
 from liftft.engine.gradients import GradientGatherer, remove_all
 from liftft.engine.layout import index_dtype
@@ -77,8 +77,7 @@ class LiftAdamW(torch.optim.Optimizer):
         step_in_backward: bool = False,
         scores: dict[str, torch.Tensor] | None = None,
     ):
-        max_grad_norm = clip_norm(max_grad_norm)
-        _check_hyperparameters(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm)
+        check_optimizer_settings(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm)
         targets, dense, shards, quantized = _trained_tensors(model, cfg, dense_params)
         plan = selection_plan(model, targets, cfg, scores)
         # Under FSDP2 the optimizer works on each target's local shard: plain tensors, indexed like any weight.
@@ -91,8 +90,8 @@ class LiftAdamW(torch.optim.Optimizer):
         super().__init__(groups, defaults)
         self.cfg = cfg
         self._plan = plan
-        self.max_grad_norm = max_grad_norm
         self.step_in_backward = step_in_backward
+        self.max_grad_norm = max_grad_norm
         self._grad_norm = None
         self._keys = keys
         self._sharded = {shards[name]: targets[name] for name in shards}
@@ -122,6 +121,16 @@ class LiftAdamW(torch.optim.Optimizer):
     def close(self) -> None:
         """Remove every gradient hook and patched forward, so the targets get ordinary ``.grad`` again. Idempotent."""
         self._gatherer.close()
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        """The global gradient norm ``step()`` clips to; None: no clipping. Set it as at construction: 0 or None is
+        no clipping, and with ``step_in_backward`` anything else is refused (:func:`~liftft.engine.config.checked_clip`)."""
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value) -> None:
+        self._max_grad_norm = checked_clip(value, self.step_in_backward)
 
     @property
     def gradients_pending(self) -> bool:
@@ -265,12 +274,9 @@ class LiftAdamW(torch.optim.Optimizer):
         if self._lift_group["params"] is not self._lift_params:
             raise RuntimeError("LiftAdamW's parameter groups were replaced by a wrapper (DeepSpeed ZeRO does this); "
                                f"LIFT cannot follow flattened partitions. Use {distributed.SUPPORTED}.")
-        if self.step_in_backward and clip_norm(self.max_grad_norm) is not None:
-            raise RuntimeError(f"max_grad_norm was set to {self.max_grad_norm} on a LiftAdamW(step_in_backward=True), "
-                               "whose targets were already updated, unclipped, during backward")
 
     def _clip_coefficient(self, dense: list[nn.Parameter]):
-        max_norm = clip_norm(self.max_grad_norm)
+        max_norm = self.max_grad_norm
         self._grad_norm = None
         if max_norm is None:
             return None
@@ -363,27 +369,6 @@ def _standing_values(key: torch.Tensor, target: QuantizedTarget | None, selected
     base = dequantize(target.module)
     target.include(selected, base)
     return base.view(-1)
-
-
-def _check_hyperparameters(cfg, lr, betas, eps, weight_decay, step_in_backward, max_grad_norm) -> None:
-    if not isinstance(cfg, LiftConfig):
-        raise TypeError(f"cfg must be a LiftConfig, got {type(cfg).__name__}")
-    if not lr >= 0:
-        raise ValueError(f"lr must be >= 0, got {lr!r}")
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError(f"betas must be two numbers in [0, 1), got {betas!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    if not weight_decay >= 0:
-        raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
-    if not isinstance(step_in_backward, bool):
-        raise TypeError(f"step_in_backward must be True or False, got {step_in_backward!r}")
-    if step_in_backward and max_grad_norm is not None:
-        raise ValueError(f"step_in_backward=True updates each target before the global gradient norm is known, so it "
-                         f"cannot clip (max_grad_norm={max_grad_norm!r}); set max_grad_norm=None or step_in_backward=False")
-    if step_in_backward and distributed.world_size() > 1:
-        raise ValueError(f"step_in_backward=True runs in one process only (world size {distributed.world_size()}): "
-                         "the ranks must average gradients before any update")
 
 
 def _trained_tensors(model: nn.Module, cfg: LiftConfig, dense_params):

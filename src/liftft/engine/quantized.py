@@ -48,7 +48,7 @@ def packed_fingerprint(module: nn.Module) -> str:
     state = module.weight.quant_state
     parts = [module.weight.data, state.absmax]
     if state.nested:
-        parts += [state.state2.absmax, state.offset]
+        parts += [state.state2.absmax, torch.as_tensor(state.offset)]
     digest = hashlib.sha256()
     for part in parts:
         digest.update(part.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())

@@ -13,6 +13,7 @@ from liftft.eval.extract import EXTRACTORS, check_extractor, extract_answer, is_
 from liftft.eval.results import mean
 from liftft.eval.tasks import LETTER, NUMBER, Task, candidates
 from liftft.data.template import build_prompt, encode_prompt, encode_response
+from liftft.utils.progress import progress_bar
 
 SCORINGS = ("generate", "loglik")
 
@@ -110,7 +111,11 @@ def _loglik_predictions(model, tokenizer, task, records, texts, prompts, batch_s
     """Each record's candidates with their summed log-likelihoods; the best one is the prediction."""
     pairs, owners = [], []
     for index, (record, text, prompt) in enumerate(zip(records, texts, prompts)):
-        for label in candidates(task, record):
+        try:
+            labels = candidates(task, record)
+        except ValueError as err:  # ambiguous options
+            raise ValueError(f"{task.name}: record {index}: {err}") from None
+        for label in labels:
             # The response's ids as training labels them: in context after the prompt, then EOS.
             response = encode_response(tokenizer, text, continuation(task, label)) + [tokenizer.eos_token_id]
             pairs.append((prompt, response))
@@ -141,11 +146,9 @@ def _run_batches(items: list, batch_size: int, run_batch, desc: str, unit: str =
 
     Longest first, so that an out-of-memory error shows at once.
     """
-    from tqdm.auto import tqdm
-
     order = sorted(range(len(items)), key=lambda i: -_length(items[i]))
     results = [None] * len(items)
-    with tqdm(total=len(items), desc=desc, unit=unit) as progress:
+    with progress_bar(total=len(items), desc=desc, unit=unit) as progress:
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             for i, result in zip(chunk, _run_or_split([items[i] for i in chunk], run_batch, progress)):

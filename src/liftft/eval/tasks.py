@@ -210,14 +210,82 @@ def keyword_pattern(labels: tuple[str, ...]) -> re.Pattern:
 def candidates(task: Task, record: dict) -> list[str]:
     """The answer labels a multiple-choice record offers, parsed from its instruction.
 
-    Letters come from "(A)".."(E)"; keywords (Solution1, Answer3, Option2,
-    Ending4, true/false) from whole words in the lower-cased instruction.
+    Letters come from the list of options written inline (:func:`letter_options`):
+    "(A) x (B) y", "[A] x [B] y", "A) x, B) y", "A. x; B. y", "A: x" on lines of
+    their own, with any spacing. Keywords (Solution1, Answer3, Option2, Ending4, true/false) come
+    from whole words in the lower-cased instruction. ValueError says why a list of
+    letters is ambiguous.
     """
     if task.kind == LETTER:
-        found = re.findall(rf"\(({'|'.join(task.labels)})\)", record["instruction"])
-        return sorted(set(found))
+        return letter_options(record["instruction"], task.labels)
     found = keyword_pattern(task.labels).findall(record["instruction"].lower())
     return sorted(set(found), key=_label_order)
+
+
+# How a letter opens an option, in each layout; spaces or tabs may stand around the letter. The letter may not be part
+# of a word: it follows the start of the text, whitespace, or one of ,;:/|?!( (or the layout's own brackets).
+_OPENER = r"(?<![^\s,;:/|?!(])"
+_LAYOUTS = {
+    "(A)": r"\([ \t]*({letters})[ \t]*\)",
+    "[A]": r"\[[ \t]*({letters})[ \t]*\]",
+    "A)": r"(?<![^\s,;:/|?!])({letters})[ \t]*\)",  # as _OPENER, but "(A)" is the first layout
+    "A.": _OPENER + r"({letters})[ \t]*\.(?![A-Za-z]\.)",  # not an abbreviation (A.M., U.S.A.)
+    "A:": _OPENER + r"({letters})[ \t]*:",
+}
+
+
+def letter_options(text: str, letters: tuple[str, ...] = _LETTERS) -> list[str]:
+    """The letters of the options listed in ``text``, in order, e.g. ["A", "B", "C", "D"].
+
+    A list is written in one layout of :data:`_LAYOUTS` ("(A)", "[A]", "A)", "A."
+    or "A:", separated by anything: commas, semicolons, newlines, spaces) and runs
+    from A through consecutive letters, each after the one before; the next A of
+    its layout starts another list. The options are the list that ends last, so
+    lettered text before them (an earlier example's options, "plan A. or plan
+    B.?") does not count, nor does one nested inside them ("(A) plan A. (B) plan
+    B."). Lower-case letters ("a) x b) y") are read only where no upper-case list
+    is. An empty list means no list of two options or more was found.
+
+    ValueError when the options are ambiguous: a list of other letters begins
+    before them and ends within them ("A) 1 (A) 2 B) 3 (B) 4 (C) 5": A/B or
+    A/B/C?), or a letter of theirs opens two options ("A) 1 B) 2 B) 3 C) 4").
+    """
+    for case in (str, str.lower):
+        lists = [found for layout in _LAYOUTS for found in _lists(text, layout, tuple(map(case, letters)))]
+        if lists:
+            break
+    else:
+        return []
+    start, end, labels, layout, repeated = max(lists, key=lambda found: (found[1], -found[0]))
+    for other_start, other_end, other_labels, other_layout, _ in lists:
+        if other_start < start < other_end and other_labels != labels:
+            raise ValueError(f"its options are ambiguous: the {other_layout} list {'/'.join(other_labels).upper()} "
+                             f"overlaps the {layout} list {'/'.join(labels).upper()}; write them in one layout")
+    if repeated:
+        raise ValueError(f"its options are ambiguous: {repeated.upper()} opens two options of the {layout} list "
+                         f"{'/'.join(labels).upper()}")
+    return [label.upper() for label in labels]
+
+
+def _lists(text: str, layout: str, letters: tuple[str, ...]) -> list[tuple[int, int, list[str], str, str | None]]:
+    """Every list of two options or more in ``layout``: (start, end of its last marker, its letters, the layout,
+    a letter of it that opens a second option within it or None)."""
+    pattern = re.compile(_LAYOUTS[layout].format(letters="|".join(map(re.escape, letters))))
+    markers = [(match.start(), match.end(), match.group(1)) for match in pattern.finditer(text)]
+    starts = [i for i, (_, _, letter) in enumerate(markers) if letter == letters[0]] + [len(markers)]
+    found = []
+    for first, stop in zip(starts, starts[1:]):
+        labels, end, again = [letters[0]], markers[first][1], []
+        for marker_start, marker_end, letter in markers[first + 1:stop]:
+            if len(labels) < len(letters) and letter == letters[len(labels)]:
+                labels.append(letter)
+                end = marker_end
+            elif letter in labels:
+                again.append((marker_start, letter))
+        repeated = next((letter for at, letter in again if at < end), None)  # later ones refer back to an option
+        if len(labels) >= 2:
+            found.append((markers[first][0], end, labels, layout, repeated))
+    return found
 
 
 def _label_order(label: str) -> tuple[str, int]:
@@ -229,7 +297,10 @@ def _label_order(label: str) -> tuple[str, int]:
 def check_candidates(task: Task, records: list[dict], path: str | Path) -> None:
     """Raise ValueError, naming the file and record index, where the choices cannot be parsed."""
     for index, record in enumerate(records):
-        options = candidates(task, record)
+        try:
+            options = candidates(task, record)
+        except ValueError as err:
+            raise ValueError(f"{path}: record {index}: {err}") from None
         gold = str(record["answer"]).strip()
         gold = gold if task.kind == LETTER else gold.lower()
         if len(options) < 2 or gold not in options:

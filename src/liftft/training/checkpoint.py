@@ -14,6 +14,8 @@ from liftft.utils.atomic import atomic_directory, atomic_write, remove_leftovers
 
 CHECKPOINTS = "checkpoints"
 LATEST = "LATEST"
+# A checkpoint whose weights made the next loss non-finite is kept under this prefix, out of --resume's way.
+DIVERGED_PREFIX = "diverged-"
 
 
 def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] | None, write_extra=None,
@@ -37,9 +39,44 @@ def save_checkpoint(output_dir, step: int, *, tensors: dict[str, torch.Tensor] |
             write_extra(tmp)
         torch.save(state, tmp / "state.pt")
     atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(final.name))
+    prune_checkpoints(output_dir, keep)
+    return final
+
+
+def prune_checkpoints(output_dir, keep: int) -> None:
+    """Remove all but the newest ``keep`` checkpoints under ``output_dir``/checkpoints."""
     for old in checkpoints(output_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def set_aside_diverged(output_dir, step: int) -> tuple[Path | None, Path | None]:
+    """Move checkpoint ``step``, whose weights made the next step's loss non-finite, out of --resume's way.
+
+    It is renamed to ``checkpoints/diverged-step-N`` (replacing an earlier one
+    of that step), where :func:`checkpoints` and --resume do not look, and
+    LATEST is pointed at the newest checkpoint before it (removed when there is
+    none). Returns (where it went or None if there was no such checkpoint, the
+    checkpoint LATEST now names or None).
+    """
+    root = Path(output_dir) / CHECKPOINTS
+    bad = root / checkpoint_name(step)
+    moved = None
+    if bad.is_dir():
+        moved = root / f"{DIVERGED_PREFIX}{bad.name}"
+        if moved.exists():
+            shutil.rmtree(moved)
+        bad.rename(moved)
+    good = [c for c in checkpoints(output_dir) if checkpoint_step(c) < step]
+    if good:
+        atomic_write(root / LATEST, lambda tmp: Path(tmp).write_text(good[-1].name))
+    else:
+        (root / LATEST).unlink(missing_ok=True)
+    return moved, good[-1] if good else None
+
+
+def checkpoint_step(path: Path) -> int:
+    """The step of a checkpoint directory named by :func:`checkpoint_name`."""
+    return int(Path(path).name.removeprefix("step-"))
 
 
 def checkpoint_name(step: int) -> str:

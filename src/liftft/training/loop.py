@@ -12,12 +12,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from liftft.utils import distributed
 from liftft.utils.atomic import atomic_write
+from liftft.utils.progress import progress_bar
 from liftft.training.checkpoint import (CHECKPOINTS, checkpoint_name, disk_errors_named, latest_checkpoint, load_checkpoint,
-                               save_checkpoint)
+                               prune_checkpoints, save_checkpoint, set_aside_diverged)
 from liftft.data.batches import IGNORE_INDEX, DataCollator, step_micro_batches
 from liftft.deltas.delta import apply_delta, delta_from_optimizer, load_delta, write_delta
 from liftft.training.fsdp import (RANK_FILE, apply_delta_to_shards, gathered_state_dicts, load_local_state,
@@ -75,11 +75,21 @@ class TrainingLoop:
         self.elapsed = 0.0
         self.loop_grad_norm = None  # the norm the loop clipped by at the last step (methods it clips for)
         self.out = Path(args.output)
+        # The newest checkpoint is not known good until the step after it ran with a finite loss: until then the
+        # one before it is kept too, beyond --save-total-limit (see save and _diverged).
+        self._prune_pending = False
+        # The settings this run changed on --resume (run_dir.check_continues), as {name: (recorded, now)}.
+        self.changed: dict[str, tuple] = {}
 
     def maybe_resume(self) -> None:
         """With ``args.resume``, continue from the latest checkpoint in the output dir, if there is one."""
         checkpoint = latest_checkpoint(self.out) if self.args.resume else None
         if checkpoint is None:
+            if self.args.resume and self.is_main:
+                self._forget_log_after(0)  # an earlier attempt's records: this run logs those steps again
+                if self.changed:
+                    print(f"liftft train: no checkpoint in {self.out / CHECKPOINTS}: starting from step 0"
+                          f"{self.changes_note()}")
             return
         tensors, state = load_checkpoint(checkpoint)
         if self.sharded and self.setup.kind != "sparse":  # this rank's shards of the weights and of AdamW's state
@@ -94,13 +104,36 @@ class TrainingLoop:
             else:
                 self.model.load_state_dict(tensors, strict=False)
             self.optimizer.load_state_dict(state["optimizer"])
+        fresh = list(self.scheduler.base_lrs)  # this invocation's --lr: it may differ from the checkpoint's
         self.scheduler.load_state_dict(state["scheduler"])
+        self._reschedule(fresh)
         torch.set_rng_state(state["rng"])
         self.step, self.tokens, self.elapsed = state["step"], state["tokens"], state["elapsed"]
         logger.info("resumed from %s at step %d", checkpoint, self.step)
         if self.is_main:
             self._forget_log_after(self.step)
-            print(f"liftft train: resumed from {checkpoint} at step {self.step}")
+            print(f"liftft train: resumed from {checkpoint} at step {self.step}{self.changes_note()}")
+
+    def changes_note(self) -> str:
+        """``; lr 1e+10 -> 0.001 from step 2 on`` for the settings this resumption changed, else empty."""
+        if not self.changed:
+            return ""
+        changes = ", ".join(f"{name} {_shown(old)} -> {_shown(new)}" for name, (old, new) in self.changed.items())
+        return f"; {changes} from step {self.step + 1} on"
+
+    def _reschedule(self, base_lrs: list[float]) -> None:
+        """Make ``base_lrs`` (this run's peak lr of each group) the schedule's, at the resumed position.
+
+        A checkpoint's scheduler and optimizer state hold the lr of the run that
+        wrote it; --resume with another --lr replaces it. The schedule's length
+        is this run's already (its lambdas are not part of the state).
+        """
+        scheduler = self.scheduler
+        scheduler.base_lrs = list(base_lrs)
+        lrs = [base * lam(scheduler.last_epoch) for base, lam in zip(base_lrs, scheduler.lr_lambdas)]
+        for group, base, lr in zip(self.optimizer.param_groups, base_lrs, lrs):
+            group["initial_lr"], group["lr"] = base, lr
+        scheduler._last_lr = lrs
 
     def run(self) -> dict:
         """Train up to the last step, logging every ``logging_steps``, evaluating every ``eval_steps`` and at the end,
@@ -110,17 +143,29 @@ class TrainingLoop:
         """
         args = self.args
         self.model.train()
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"train {args.method}",
-                   disable=not args.progress or not self.is_main)
+        bar = progress_bar(total=self.total_steps, initial=self.step, desc=f"train {args.method}", unit="step",
+                           disable=not args.progress or not self.is_main)
         loss, losses = float("nan"), []
         last = {"tokens": self.tokens, "seconds": round(self.elapsed, 6)}  # the previous record, or the resume point
         start = time.perf_counter() - self.elapsed
         while self.step < self.total_steps:
             lr = self.scheduler.get_last_lr()[0]
             step_start = time.perf_counter()
-            loss, tokens = self.train_step(self._micro_batches(self.step))
+            try:
+                loss, tokens = self.train_step(self._micro_batches(self.step))
+            except ValueError as err:  # LIFT's refresh cannot select from non-finite weights
+                bad = self._nonfinite_tensor()
+                if bad is None:
+                    raise
+                raise TrainingDiverged(self._diverged(f"{bad} holds non-finite values after step {self.step + 1}'s "
+                                                      "update, which no checkpoint or output will hold",
+                                                      weights_of=self.step)) from err
             if not math.isfinite(loss):
-                raise TrainingDiverged(self._diverged(f"the loss became {loss} at step {self.step + 1}"))
+                raise TrainingDiverged(self._diverged(f"the loss became {loss} at step {self.step + 1}",
+                                                      weights_of=self.step))
+            if self._prune_pending and self.is_main:  # the newest checkpoint just proved good
+                prune_checkpoints(self.out, args.save_total_limit)
+            self._prune_pending = False
             self.step += 1
             self.tokens += tokens
             self.elapsed = time.perf_counter() - start
@@ -257,7 +302,8 @@ class TrainingLoop:
             if not self.is_main:
                 return None
             path = save_checkpoint(self.out, self.step, tensors=tensors, write_extra=write_extra, state=state,
-                                   keep=self.args.save_total_limit)
+                                   keep=self.args.save_total_limit + 1)
+            self._prune_pending = True
         logger.info("checkpoint %s", path)
         return path
 
@@ -267,20 +313,40 @@ class TrainingLoop:
             return {name: p for name, p, _ in self.optimizer.trained_parameters()}
         return {n: p.to_local() if self.sharded else p for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def _nonfinite_tensor(self) -> str | None:
+        """The name of a trained tensor (of this rank) that holds a non-finite value, or None."""
+        return next((name for name, p in self._trained_tensors().items() if not bool(torch.isfinite(p).all())), None)
+
     def _refuse_nonfinite(self) -> None:
-        bad = next((name for name, p in self._trained_tensors().items() if not bool(torch.isfinite(p).all())), None)
+        bad = self._nonfinite_tensor()
         # Under FSDP2 each rank checks its own rows, and all stop together.
         (ranks_bad,) = distributed.sum_across_ranks([bad is not None]) if self.sharded else (bad is not None,)
         if ranks_bad:
             where = bad or "a weight on another rank"
             raise TrainingDiverged(self._diverged(f"{where} holds non-finite values after step {self.step}, "
-                                                  "which no checkpoint or output will hold"))
+                                                  "which no checkpoint or output will hold", weights_of=self.step - 1))
 
-    def _diverged(self, what: str) -> str:
-        """One line for a diverged run: what happened, and the newest checkpoint, every one of which is finite."""
-        last = latest_checkpoint(self.out)
-        advice = " (its trained values are finite: resume from it with --resume and a lower --lr)" if last else ""
-        return f"training diverged: {what}; stopped. Last good checkpoint: {last or 'none'}{advice}"
+    def _diverged(self, what: str, weights_of: int) -> str:
+        """One line for a diverged run: what happened, and the last good checkpoint.
+
+        The weights of step ``weights_of`` made the next step's loss or trained
+        values non-finite (a finite loss can still give infinite gradients), so
+        a checkpoint of that step is not good: it is set aside
+        (:func:`set_aside_diverged`), and LATEST names the newest checkpoint
+        before it, from which training went on with a finite loss and values.
+        """
+        if self.is_main:
+            moved, last = set_aside_diverged(self.out, weights_of)
+        else:
+            moved, last = None, latest_checkpoint(self.out)
+        aside = (f" Checkpoint {checkpoint_name(weights_of)}, whose weights led there, was moved to {moved}."
+                 if moved else "")
+        if last:
+            advice = (" (training went on from it with a finite loss: continue from it with --resume and a lower "
+                      "--lr)")
+        else:
+            advice = " (--resume with a lower --lr starts over from step 0)"
+        return f"training diverged: {what}; stopped.{aside} Last good checkpoint: {last or 'none'}{advice}"
 
     def _forget_log_after(self, step: int) -> None:
         """Drop the records of steps after ``step`` from DIR/train_log.jsonl, which the resumed run logs again (and
@@ -310,3 +376,8 @@ class TrainingLoop:
         with open(self.out / LOG_FILE, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.reporter.log(record)
+
+
+def _shown(value) -> str:
+    """A setting's value as the start line shows it: floats short (1e+10, 0.001)."""
+    return f"{value:g}" if isinstance(value, float) else str(value)

@@ -6,6 +6,11 @@ Each logged record of the training loop (a step's ``loss``, ``lr``,
 ``eval/loss``, ...; :func:`scalars`). Rank 0 alone reports. The libraries
 are optional extras, imported when a run starts; :func:`check_report_to`
 names the extra to install before any work.
+
+A resumed run continues where the checkpoint left off: TensorBoard drops the
+events logged after it (the steps between the checkpoint and the interruption,
+which the resumed run logs again), and W&B continues the same run, whose id
+the run dir keeps in :data:`WANDB_RUN_FILE`.
 """
 
 from __future__ import annotations
@@ -19,6 +24,8 @@ REPORT_TO = ("none", "tensorboard", "wandb")
 # The module each destination imports; the extra of the same name installs it.
 _MODULES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 TENSORBOARD_DIR = "tensorboard"
+# The id of the run's W&B run, kept in the output dir so that --resume continues that run.
+WANDB_RUN_FILE = "wandb_run.json"
 # A record's fields that are reported, and the name each is reported under.
 _TRAIN_FIELDS = ("loss", "lr", "grad_norm", "tokens_per_s", "cumulative_tokens_per_s")
 _EVAL_FIELDS = {"eval_loss": "eval/loss"}
@@ -58,13 +65,20 @@ class Reporter:
 
 
 class TensorBoardReporter(Reporter):
-    """Event files in ``log_dir`` (``tensorboard --logdir DIR/tensorboard``); the settings as a text summary."""
+    """Event files in ``log_dir`` (``tensorboard --logdir DIR/tensorboard``); the settings as a text summary.
 
-    def __init__(self, log_dir: Path, settings: dict):
+    A run resumed at step ``resumed_at`` purges the events of later steps that
+    earlier attempts logged (``SummaryWriter``'s ``purge_step``), so that no
+    step shows twice; its settings are added at that step.
+    """
+
+    def __init__(self, log_dir: Path, settings: dict, resumed_at: int | None = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(log_dir))
-        self.writer.add_text("settings", f"```\n{json.dumps(settings, indent=1, default=str)}\n```")
+        purge = None if resumed_at is None else resumed_at + 1
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
+        self.writer.add_text("settings", f"```\n{json.dumps(settings, indent=1, default=str)}\n```",
+                             global_step=resumed_at)
 
     def log(self, record: dict) -> None:
         for name, value in scalars(record).items():
@@ -75,18 +89,29 @@ class TensorBoardReporter(Reporter):
 
 
 class WandbReporter(Reporter):
-    """One W&B run per `liftft train` process, the settings as its config.
+    """One W&B run per `liftft train` run, the settings as its config.
 
     wandb's own variables choose the rest: WANDB_MODE (``offline`` writes
     the run locally, for ``wandb sync`` later), WANDB_PROJECT (default
-    ``liftft``), WANDB_DIR (default: the output dir).
+    ``liftft``), WANDB_DIR (default: the output dir). The run's id is kept in
+    ``output``/:data:`WANDB_RUN_FILE`; a resumption (``resumed_at`` not None)
+    continues that W&B run (``resume="allow"``), its config updated to the
+    settings it runs with.
     """
 
-    def __init__(self, output: Path, settings: dict):
+    def __init__(self, output: Path, settings: dict, resumed_at: int | None = None):
         import wandb
 
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "liftft"), name=output.name, config=settings,
-                              dir=os.environ.get("WANDB_DIR", str(output)))
+        from liftft.utils.atomic import write_json_atomic
+
+        project = os.environ.get("WANDB_PROJECT", "liftft")
+        previous = _wandb_run(output) if resumed_at is not None else None
+        kept = {"id": previous["id"], "resume": "allow", "allow_val_change": True} if previous else {}
+        self.run = wandb.init(project=previous.get("project", project) if previous else project, name=output.name,
+                              config=settings, dir=os.environ.get("WANDB_DIR", str(output)), **kept)
+        if getattr(self.run, "id", None):  # wandb's disabled mode gives a run without one
+            write_json_atomic(output / WANDB_RUN_FILE, {"id": self.run.id,
+                                                        "project": getattr(self.run, "project", None) or project})
 
     def log(self, record: dict) -> None:
         self.run.log(scalars(record), step=record["step"])
@@ -95,11 +120,21 @@ class WandbReporter(Reporter):
         self.run.finish(exit_code=1 if failed else 0)  # W&B shows a diverged or interrupted run as failed
 
 
-def open_reporter(report_to: str, output: Path, settings: dict) -> Reporter:
-    """The :class:`Reporter` of ``report_to`` for the run in ``output`` with ``settings`` (recorded beside the scalars)."""
+def _wandb_run(output: Path) -> dict | None:
+    """What ``output``/:data:`WANDB_RUN_FILE` says of the run's W&B run (``id``, ``project``), or None."""
+    try:
+        kept = json.loads((output / WANDB_RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return kept if isinstance(kept, dict) and isinstance(kept.get("id"), str) else None
+
+
+def open_reporter(report_to: str, output: Path, settings: dict, resumed_at: int | None = None) -> Reporter:
+    """The :class:`Reporter` of ``report_to`` for the run in ``output`` with ``settings`` (recorded beside the
+    scalars); ``resumed_at``, for a resumed run, is the step it continues from (0 without a checkpoint)."""
     check_report_to(report_to)
     if report_to == "tensorboard":
-        return TensorBoardReporter(output / TENSORBOARD_DIR, settings)
+        return TensorBoardReporter(output / TENSORBOARD_DIR, settings, resumed_at)
     if report_to == "wandb":
-        return WandbReporter(output, settings)
+        return WandbReporter(output, settings, resumed_at)
     return Reporter()

@@ -8,8 +8,11 @@ with a message; one written on another host cannot be checked from here, so it
 is honoured, and the message says how to remove it.
 
 A directory may hold only this run: a new one, or the same settings again with
-``--resume``. The comparison leaves out the output path (a run dir may move) and
-resolves local model and data paths (``runs/x`` and ``/abs/runs/x`` are one).
+``--resume``, which may change the few settings the caller names changeable
+(`liftft train`: the learning rate and the schedule's length; run.json records
+each change under ``changes``). The comparison leaves out the output path (a run
+dir may move) and resolves local model and data paths (``runs/x`` and
+``/abs/runs/x`` are one).
 Holding the lock, a run removes what interrupted writes of its own files left.
 """
 
@@ -120,25 +123,54 @@ def take(output: Path) -> Path | None:
     return lock
 
 
-def check_continues(output: Path, record: dict, defaults: dict, resume: bool) -> None:
+def check_continues(output: Path, record: dict, defaults: dict, resume: bool,
+                    changeable: tuple[str, ...] = ()) -> dict[str, tuple]:
     """Raise ValueError unless ``output`` is new, or holds the run of settings ``record`` and ``resume`` is set.
 
     ``defaults`` gives the value of each setting an older liftft did not record.
+    The settings named in ``changeable`` may differ on ``resume`` unless the run
+    finished: returned as {name: (recorded value, value in ``record``)}, empty
+    when none differs.
     """
     check_output_dir(output, RUN_FILE, "train run", ignore=(LOCK_FILE,))
     if not (output / RUN_FILE).is_file():
-        return
+        return {}
     run = json.loads((output / RUN_FILE).read_text())
-    differing = differing_settings(_comparable(run.get("args", {})), _comparable(record), _comparable(defaults))
-    if differing:
-        raise ValueError(f"output dir {output} holds a different run (differs in: {', '.join(differing)}); "
+    recorded = _comparable(run.get("args", {}))
+    differing = differing_settings(recorded, _comparable(record), _comparable(defaults))
+    # A finished run changes no setting: resuming it would train again from its last checkpoint and replace its outputs.
+    fixed = [name for name in differing if name not in changeable or run.get("status") == "done"]
+    if fixed:
+        raise ValueError(f"output dir {output} holds a different run (differs in: {', '.join(fixed)}); "
                          "choose another --output")
+    with_defaults = {**defaults, **recorded}
+    changed = {name: (with_defaults.get(name), record.get(name)) for name in differing}
     if not resume:
+        if changed:
+            was = ", ".join(f"{_flag(name)} {_shown(old)}" for name, (old, _) in changed.items())
+            now = ", ".join(f"{_flag(name)} {_shown(new)}" for name, (_, new) in changed.items())
+            raise ValueError(f"output dir {output} holds this run with {was}; pass --resume to continue it with "
+                             f"{now} from its last checkpoint, or choose another --output")
         raise ValueError(f"output dir {output} already holds this run; pass --resume to continue it or choose another "
                          "--output")
     if run.get("world_size", 1) != distributed.world_size():
         raise ValueError(f"output dir {output} holds a run on {run.get('world_size', 1)} processes; resume it on as "
                          f"many (torchrun --nproc-per-node {run.get('world_size', 1)}), not {distributed.world_size()}")
+    return changed
+
+
+def recorded_changes(output: Path) -> list[dict]:
+    """The changes of settings on earlier resumptions that ``output``'s run.json records (``changes``), oldest first."""
+    path = output / RUN_FILE
+    return list(json.loads(path.read_text()).get("changes", [])) if path.is_file() else []
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def remove_run_leftovers(output: Path, names: tuple[str, ...]) -> list[Path]:
@@ -146,8 +178,12 @@ def remove_run_leftovers(output: Path, names: tuple[str, ...]) -> list[Path]:
     return [*(path for name in names for path in remove_leftovers(output / name)), *remove_checkpoint_leftovers(output)]
 
 
-def remove_if_empty(output: Path) -> None:
-    """Remove ``output`` if nothing is in it (a run that failed before writing anything)."""
+def remove_if_empty(output: Path, log_name: str | None = None) -> None:
+    """Remove ``output`` if nothing is in it (a run that failed before writing anything); its log ``log_name``
+    alone, without a run.json, counts as nothing (a next run would otherwise refuse the directory as foreign)."""
+    if log_name is not None and output.is_dir() and not (output / RUN_FILE).exists():
+        if {p.name for p in output.iterdir()} == {log_name}:
+            (output / log_name).unlink(missing_ok=True)
     if output.is_dir() and not any(output.iterdir()):
         output.rmdir()
 

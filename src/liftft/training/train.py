@@ -19,11 +19,12 @@ from liftft.deltas.card import CARD_FILE, write_model_cards
 from liftft.data.batches import encode_dataset, load_records, split_validation
 from liftft.deltas.delta import DELTA_FILE, META_FILE, save_delta
 from liftft.training.fsdp import gathered_model, load_sharded
-from liftft.utils.quantization import bnb_config
+from liftft.utils.quantization import bnb_config, load_settings
 from liftft.utils.hf import load_model, load_tokenizer, set_activation_checkpointing
 from liftft.training.args import RESCHEDULABLE, TrainArgs, record_defaults
 from liftft.training.loop import TrainingLoop
 from liftft.deltas.merge import merge_delta
+from liftft.engine.quantized import parameter_count
 from liftft.engine.methods import SPARSE_SELECTORS, setup_method
 from liftft.engine.preflight import check_budget, meta_model
 from liftft.training.reporting import WANDB_RUN_FILE, Reporter, open_reporter
@@ -126,7 +127,7 @@ def _train_logged(args: TrainArgs, device: torch.device, out: Path, records: lis
     setup = setup_method(model, args.method, args.lift_config(), lr=args.lr, weight_decay=args.weight_decay,
                          max_grad_norm=args.max_grad_norm, step_in_backward=args.step_in_backward, scores=scores)
     model = setup.model
-    share = f"{setup.trainable / sum(p.numel() for p in model.parameters()):.2%} of {type(model).__name__}"
+    share = f"{setup.trainable / parameter_count(model):.2%} of {type(model).__name__}"
     logger.info("method %s: %s trainable values (%s)", args.method, f"{setup.trainable:,}", share)
     if main:
         print(f"liftft train: method={args.method} trainable={setup.trainable:,} ({share})")
@@ -235,8 +236,11 @@ def _write_outputs(args: TrainArgs, setup, tokenizer, metrics: dict) -> None:
     else:
         _save_hf(model, tokenizer, out / MERGED_DIR, args.gradient_checkpointing)
     if distributed.is_main_process():
+        quantization = {"quantization": load_settings(args.bnb_4bit_quant_type, args.use_bnb_nested_quant)
+                        } if args.load_in_4bit else {}
         write_model_cards([out, out / MERGED_DIR], {"base_model": args.model, "config": args.lift_config().to_dict(),
-                                                    "training_args": args.run_record(), "metrics": metrics})
+                                                    "training_args": args.run_record(), "metrics": metrics,
+                                                    **quantization})
 
 
 def _save_hf(model, tokenizer, path: Path, checkpointing: bool) -> None:
