@@ -77,7 +77,10 @@ def test_delta_is_applied_to_the_base_model(model_dir, tmp_path, monkeypatch):
         return model
 
     monkeypatch.setattr(liftft.deltas.delta, "apply_delta", silence_model)
-    monkeypatch.setattr(liftft.deltas.delta, "load_delta", str)  # the "delta" read is its path, which apply_delta records
+    class Read(str):  # the "delta" read is its path, which apply_delta records; of a 16-bit base (no quantization)
+        meta = {}
+
+    monkeypatch.setattr(liftft.deltas.delta, "load_delta", Read)
     delta_dir = tmp_path / "delta"
     delta_dir.mkdir()
     out = tmp_path / "out"
