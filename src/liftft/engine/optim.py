@@ -119,7 +119,8 @@ class LiftAdamW(torch.optim.Optimizer):
         self.close()
 
     def close(self) -> None:
-        """Remove every gradient hook and patched forward, so the targets get ordinary ``.grad`` again. Idempotent."""
+        """Remove every gradient hook and patched forward, so the targets get ordinary ``.grad`` again (a 4-bit target
+        keeps computing with its trained values, and no longer gathers). Idempotent."""
         self._gatherer.close()
 
     @property
