@@ -1,8 +1,8 @@
 """One module per `liftft` subcommand, each with register(subparsers); shared argument parsers below."""
 
 import argparse
-import math
 import contextlib
+import math
 import re
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
 
-
 from liftft.training.calibration import calibration_batches_for
 from liftft.utils.quantization import check_4bit_settings, require_bitsandbytes
 from liftft.engine.config import LiftConfig, clip_norm
@@ -202,5 +201,3 @@ def record_defaults() -> dict:
     """The default of every recorded setting: what a run recorded before that setting existed used."""
     lift = _lift_record({f.name: f.default for f in fields(LiftConfig)})
     return {**lift, **{f.name: f.default for f in fields(TrainArgs) if f.default is not MISSING}}
-
-

@@ -135,6 +135,7 @@ def load_tokenizer(path_or_id: str):
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
+
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` whose class its ``_no_split_modules`` names (a transformers model's decoder layers)."""
     names = set(getattr(model, "_no_split_modules", None) or ())
