@@ -61,19 +61,17 @@ def run(args) -> int:
     from liftft.planning.estimate import estimate
     from liftft.utils.hf import load_config
     from liftft.planning.shapes import model_config
-    from liftft.utils.quantization import check_4bit_settings
 
     if args.json not in (None, "-"):
         parent = os.path.dirname(os.path.abspath(os.path.expanduser(args.json)))
         if not os.path.isdir(parent):
             raise FileNotFoundError(f"--json {args.json!r}: directory {parent} does not exist")
-    check_4bit_settings(args.method, fsdp=args.fsdp, load_in_4bit=args.load_in_4bit,
-                        quant_type=args.bnb_4bit_quant_type, nested=args.use_bnb_nested_quant)
     config = load_config(args.model) if args.model is not None else model_config(args.model_config)
     result = estimate(config, args.method, gpus=args.gpus, fsdp=args.fsdp, batch_size=args.batch_size,
                       seq_len=args.seq_len, gradient_checkpointing=args.gradient_checkpointing, rank=args.rank,
                       density=args.density, step_in_backward=args.step_in_backward, dtype=args.dtype, loss=args.loss,
-                      load_in_4bit=args.load_in_4bit, nested=args.use_bnb_nested_quant)
+                      load_in_4bit=args.load_in_4bit, quant_type=args.bnb_4bit_quant_type,
+                      nested=args.use_bnb_nested_quant)
     figures = {"model": args.model or args.model_config, **result.to_dict()}
     if args.json == "-":
         print(json.dumps(figures, indent=2))

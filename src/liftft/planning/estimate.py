@@ -81,7 +81,7 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
              seq_len: int = 2048, gradient_checkpointing: bool = False, rank: int | None = None,
              density: float | None = None, step_in_backward: bool = False, dtype: str = "bfloat16",
              loss: str | None = None, target_modules="all-linear", bias_correction: str = "matrix",
-             load_in_4bit: bool = False, nested: bool = False) -> Estimate:
+             load_in_4bit: bool = False, quant_type: str = "nf4", nested: bool = False) -> Estimate:
     """Plan ``method`` on the model of transformers ``config`` over ``gpus`` GPUs, per GPU; see the module docstring.
 
     ``batch_size`` is per GPU and one micro-batch makes an optimizer step.
@@ -89,13 +89,14 @@ def estimate(config, method: str = "lift", *, gpus: int = 1, fsdp: bool = False,
     ``dtype`` is "bfloat16" (liftft train's mixed precision) or "float32",
     ``loss`` "chunked" or "full"; None is what liftft train computes: full
     logits under ``fsdp``, chunked otherwise. ``load_in_4bit`` plans on a
-    bitsandbytes 4-bit base (``nested``: nested quantization): QLIFT for the
+    bitsandbytes 4-bit base (``quant_type`` nf4 or fp4, which take the same
+    bytes; ``nested``: nested quantization): QLIFT for the
     sparse methods, QLoRA and QDoRA for lora and dora. Raises ValueError for
     settings that liftft would refuse and for a config that is no causal LM.
     """
     loss = loss or ("full" if fsdp else "chunked")
     _check_settings(method, gpus, fsdp, batch_size, seq_len, step_in_backward, dtype, loss, config)
-    check_4bit_settings(method, fsdp=fsdp, load_in_4bit=load_in_4bit, nested=nested)
+    check_4bit_settings(method, fsdp=fsdp, load_in_4bit=load_in_4bit, quant_type=quant_type, nested=nested)
     # Method gradient selects once, so it takes no refresh interval.
     interval = None if method == "gradient" else LiftConfig.update_interval
     cfg = method_config(method, LiftConfig(rank=128 if rank is None and density is None else rank, density=density,
