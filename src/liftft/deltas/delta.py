@@ -242,9 +242,10 @@ def _check_quantization(name: str, recorded: dict | None, target) -> None:
     if target is None:
         raise ValueError(f"the delta was trained on a 4-bit base, but {name} is not a 4-bit layer here: load the base "
                          f"with {load_hint(recorded)} (liftft merge writes the 16-bit model the run trained)")
-    if target.settings()["packed_sha256"] != recorded["packed_sha256"]:
-        raise ValueError(f"{name}'s 4-bit weights differ from those the delta was trained on ({target.settings()['quant_type']}"
-                         f", nested {target.settings()['nested']} here): load the base with {load_hint(recorded)}")
+    here = target.settings()  # hashes the packed weight: once
+    if here["packed_sha256"] != recorded["packed_sha256"]:
+        raise ValueError(f"{name}'s 4-bit weights differ from those the delta was trained on ({here['quant_type']}, "
+                         f"nested {here['nested']} here): load the base with {load_hint(recorded)}")
 
 
 @torch.no_grad()
