@@ -212,15 +212,16 @@ def sentencepiece_style(model: models.BPE, style: str, texts=()) -> PreTrainedTo
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
-def run_interrupted(monkeypatch, step: int, run) -> None:
+def run_interrupted(monkeypatch, step: int, run, when=lambda loop: True) -> None:
     """Call ``run()``, a training run, and stop it with KeyboardInterrupt where its optimizer step ``step + 1`` would
-    begin, as a kill would; the training loop is itself again afterwards."""
+    begin, in the first training loop for which ``when(loop)`` holds (a sweep trains several), as a kill would; the
+    training loop is itself again afterwards."""
     from liftft.training.loop import TrainingLoop
 
     original = TrainingLoop.train_step
 
     def stop(self, micro):
-        if self.step == step:
+        if self.step == step and when(self):
             raise KeyboardInterrupt
         return original(self, micro)
 

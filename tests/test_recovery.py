@@ -352,22 +352,13 @@ def steps_trained(monkeypatch) -> list[tuple[int, int]]:
 
 def test_filter_rank_keeps_finished_runs_and_resumes_an_interrupted_one(base_dir, data_file, tmp_path, monkeypatch,
                                                                          scored, capsys):
-    from liftft.training.loop import TrainingLoop
 
     reference = tmp_path / "reference"
     assert sweep(base_dir, data_file, reference) == 0
     out = tmp_path / "sweep"
-    original = TrainingLoop.train_step
-
-    def killed(self, micro):  # the second run stops where its step 4 would begin
-        if self.args.lift.filter_rank == 32 and self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(TrainingLoop, "train_step", killed)
-        with pytest.raises(KeyboardInterrupt):
-            sweep(base_dir, data_file, out)
+    # the second run stops where its step 4 would begin
+    run_interrupted(monkeypatch, 3, lambda: sweep(base_dir, data_file, out),
+                    when=lambda loop: loop.args.lift.filter_rank == 32)
     capsys.readouterr()
     with monkeypatch.context() as patch:
         trained = steps_trained(patch)
@@ -408,20 +399,10 @@ def test_filter_rank_scores_kept_runs_again_under_other_evaluation_settings(base
 
 def test_filter_rank_refuses_other_training_settings_before_any_training(base_dir, data_file, tmp_path,
                                                                           monkeypatch, scored, capsys):
-    from liftft.training.loop import TrainingLoop
 
     out = tmp_path / "sweep"
-    original = TrainingLoop.train_step
-
-    def killed(self, micro):
-        if self.args.lift.filter_rank == 2 and self.step == 3:
-            raise KeyboardInterrupt
-        return original(self, micro)
-
-    with monkeypatch.context() as patch:
-        patch.setattr(TrainingLoop, "train_step", killed)
-        with pytest.raises(KeyboardInterrupt):
-            sweep(base_dir, data_file, out)
+    run_interrupted(monkeypatch, 3, lambda: sweep(base_dir, data_file, out),
+                    when=lambda loop: loop.args.lift.filter_rank == 2)
     capsys.readouterr()
     # `liftft train --resume` may change --lr; a sweep's runs may not, interrupted or not.
     with monkeypatch.context() as patch:
